@@ -1,0 +1,115 @@
+"""Checkpoints that are complete or absent, never half-written.
+
+A checkpoint is an HF model directory (loadable on its own) plus `trainer_state.pt` (optimizer,
+scheduler, RNG states, step) and, written last, `manifest.json` with every file's size and
+SHA-256. It is assembled in a hidden temporary folder and published by one rename, so a crash
+at any moment leaves either the previous checkpoints or the new one, and resume verifies the
+manifest before trusting a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from . import files
+from .models import save_model
+
+STATE_FILE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def save(run_dir: Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep`."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    files.remove(tmp)
+    try:
+        save_model(model, tokenizer, tmp)
+        torch.save(state, tmp / STATE_FILE)
+        files.write_text(tmp / MANIFEST, json.dumps({"step": step, "files": _describe(tmp)}, indent=1))
+        files.fsync_tree(tmp)
+        files.remove(final)  # a stale copy of the same step (from a run that was resumed earlier)
+        os.rename(tmp, final)
+    finally:
+        files.remove(tmp)
+    _prune(root, keep)
+    return final
+
+
+def _describe(folder: Path) -> dict:
+    return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(path: Path, checksums: bool = True) -> bool:
+    """True when the manifest exists and every file it lists has its size (and checksum)."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        for name, info in manifest["files"].items():
+            file = path / name
+            if file.stat().st_size != info["size"] or (checksums and _sha256(file) != info["sha256"]):
+                return False
+        return STATE_FILE in manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete(run_dir: Path) -> list[Path]:
+    """Published checkpoints, newest first (not yet verified)."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if NAME.match(p.name)), key=lambda p: p.name, reverse=True)
+
+
+def latest(run_dir: Path, log=print) -> Path | None:
+    """The newest checkpoint whose manifest verifies; damaged ones are reported and skipped."""
+    for path in complete(run_dir):
+        if verify(path):
+            return path
+        log(f"warning: skipping damaged checkpoint {path}")
+    return None
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for old in complete(root.parent)[keep:]:
+        files.remove(old)
+    for stale in root.glob(".tmp-step-*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            files.remove(stale)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True

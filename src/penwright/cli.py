@@ -1,0 +1,202 @@
+"""`penwright` on the command line: a thin layer that turns flags into configs and calls the library.
+
+Flags are generated from the config dataclasses, so `--block-size 256` is `TrainConfig(block_size=256)`.
+Heavy imports (torch, transformers) happen inside the commands, keeping `--help` instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import types
+import typing
+from dataclasses import MISSING, asdict, fields
+from pathlib import Path
+
+from .config import GenerateConfig, PrepareConfig, TrainConfig
+from .errors import PenwrightError
+
+EXAMPLES = {
+    "prepare": """examples:
+  penwright prepare --data book.txt --model gpt2
+  penwright prepare --data plots.csv --text-column plot --label-column genre --model gpt2""",
+    "train": """examples:
+  penwright train --data book.txt --model gpt2 --out runs/book --max-steps 2000
+  penwright train --data plots.csv --text-column plot --label-column genre --model distilgpt2 --out runs/plots
+  penwright train --data lyrics/ --init scratch --preset tiny --out runs/lyrics --epochs 5
+  penwright train --data book.txt --model gpt2 --out runs/book --max-steps 4000 --resume""",
+    "generate": """examples:
+  penwright generate --model runs/book --prompt "Malfoy hadn't noticed anything." --seed 1
+  penwright generate --model runs/plots --label horror --num-samples 3 --trim-to-sentence
+  penwright generate --model runs/book --prompt-file prompts.txt --output samples.jsonl""",
+    "interactive": """examples:
+  penwright interactive --model runs/book --temperature 0.7 --top-p 0.9""",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field, typed and documented from the field itself."""
+    hints = typing.get_type_hints(config)
+    for f in fields(config):
+        if f.name in skip:
+            continue
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default if f.default is not MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if default not in (None, False, []):
+            help_text += f" (default: {default})"
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+            continue
+        if f.metadata.get("action") == "append":
+            parser.add_argument(flag, action="append", metavar="TEXT", default=argparse.SUPPRESS, help=help_text)
+            continue
+        options = [a for a in typing.get_args(kind) if a is not type(None)] if _is_union(kind) else [kind]
+        base = options[0]
+        if typing.get_origin(base) is typing.Literal:
+            parser.add_argument(flag, choices=typing.get_args(base), default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=base, metavar=f.name.upper(), default=argparse.SUPPRESS, help=help_text)
+
+
+def _is_union(kind) -> bool:
+    return typing.get_origin(kind) in (typing.Union, types.UnionType)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="penwright", description="Fine-tune GPT-2-family models on your own text and write in its style.",
+        epilog="Run `penwright COMMAND --help` for each command's options.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, config, summary, skip in (
+        ("prepare", PrepareConfig, "tokenize a corpus into the cache and print its statistics", ()),
+        ("train", TrainConfig, "fine-tune a model (or train one from scratch) on a corpus", ()),
+        ("generate", GenerateConfig, "write samples with a trained model", ()),
+        ("interactive", GenerateConfig, "a prompt loop: type a prompt, read the continuation",
+         ("prompt", "prompt_file", "output")),
+    ):
+        sub = commands.add_parser(name, help=summary, description=summary, epilog=EXAMPLES[name],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_config_flags(sub, config, skip)
+        sub.set_defaults(config=config)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    args = build_parser().parse_args(argv)
+    settings = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    try:
+        config = args.config(**settings)
+        return COMMANDS[args.command](config) or 0
+    except PenwrightError as e:
+        print(f"penwright: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\npenwright: interrupted", file=sys.stderr)
+        return 130
+
+
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+def cmd_prepare(cfg: PrepareConfig) -> None:
+    from .tokens import prepare
+
+    store = prepare(cfg, log=warn)
+    for key, value in store.stats.items():
+        if key == "labels":
+            value = ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
+        print(f"{key.replace('_', ' '):>16}: {value:,}" if isinstance(value, int) else f"{key:>16}: {value}")
+    print(f"{'cache':>16}: {store.path}")
+
+
+def cmd_train(cfg: TrainConfig) -> None:
+    from .train import train
+
+    train(cfg, log=warn)
+
+
+def _writer(cfg: GenerateConfig):
+    from .generate import load
+
+    if not cfg.model:
+        raise PenwrightError("no model given: pass --model runs/NAME (or a model directory, hub id or .gguf)")
+    return load(cfg.model, cfg.precision, cfg.device, log=warn)
+
+
+def cmd_generate(cfg: GenerateConfig) -> None:
+    prompts: list[str | None] = [cfg.prompt]
+    if cfg.prompt_file:
+        try:
+            prompts = [line for line in Path(cfg.prompt_file).read_text().splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise PenwrightError(f"--prompt-file {cfg.prompt_file}: cannot read ({e})") from None
+        if not prompts:
+            raise PenwrightError(f"--prompt-file {cfg.prompt_file} holds no prompts (one per line)")
+    writer = _writer(cfg)
+    sampling = cfg.sampling()
+    if len(prompts) == 1 and cfg.num_samples == 1:
+        from .generate import Sample
+
+        text = _stream(writer, prompts[0], sampling)
+        samples = [Sample(prompts[0], text, cfg.label)]
+    else:
+        samples = writer.samples(prompts, sampling)
+        for i, sample in enumerate(samples, 1):
+            print(f"===== sample {i} =====")
+            print((sample.prompt or "") + sample.text)
+    if cfg.output:
+        from . import files
+
+        lines = [json.dumps({**asdict(s), "seed": cfg.seed}) for s in samples]
+        files.write_text(Path(cfg.output), "\n".join(lines) + "\n")
+        warn(f"wrote {len(samples)} samples to {cfg.output}")
+
+
+def _stream(writer, prompt: str | None, sampling) -> str:
+    """Print the prompt in bold (on a terminal), then the continuation as it is written."""
+    bold = sys.stdout.isatty()
+    if prompt:
+        sys.stdout.write(f"\033[1m{prompt}\033[0m" if bold else prompt)
+    pieces = []
+    for piece in writer.stream(prompt, sampling):
+        pieces.append(piece)
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+def cmd_interactive(cfg: GenerateConfig) -> None:
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    writer = _writer(cfg)
+    sampling = cfg.sampling()
+    print("Type a prompt and press Enter; Ctrl+D to quit.", file=sys.stderr)
+    while True:
+        try:
+            prompt = input("prompt> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not prompt.strip():
+            continue
+        for i in range(cfg.num_samples):
+            if cfg.num_samples > 1:
+                print(f"===== sample {i + 1} =====")
+            _stream(writer, prompt, sampling)
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "interactive": cmd_interactive}
+
+if __name__ == "__main__":
+    sys.exit(main())

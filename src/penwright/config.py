@@ -1,0 +1,169 @@
+"""Typed settings for every command, with defaults and validation in one place.
+
+The CLI builds its flags from these dataclasses (``--block-size`` is ``block_size``), so the
+library, the CLI and the server accept and refuse exactly the same values.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from .errors import PenwrightError
+
+PRESETS = ("tiny", "small", "medium")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def opt(default, help: str, **extra):
+    """A dataclass field carrying its CLI help text (and optional argparse extras)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **extra})
+    return field(default=default, metadata={"help": help, **extra})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise PenwrightError(message)
+
+
+@dataclass
+class DataConfig:
+    """Where the corpus is and how to read it."""
+
+    data: str | None = opt(None, "corpus: a .txt file, a folder of .txt/.md files, or a .csv/.jsonl file")
+    text_column: str = opt("text", "CSV/JSONL column holding the text")
+    label_column: str | None = opt(None, "CSV/JSONL column whose values become control tokens like <|genre=horror|>")
+    prompt_column: str | None = opt(None, "CSV/JSONL column with prompts (no loss on them)")
+    completion_column: str | None = opt(None, "CSV/JSONL column with completions (the loss is on these)")
+    line_by_line: bool = opt(False, "make every non-empty line its own document")
+    val_fraction: float = opt(0.1, "share of documents held out for validation")
+    val_file: str | None = opt(None, "use this corpus as the validation split instead of holding out")
+    encoding: str = opt("utf-8", "text encoding of the corpus files, e.g. latin-1")
+    cache_dir: str | None = opt(None, "where prepared token arrays are cached (default ~/.cache/penwright)")
+
+    def __post_init__(self):
+        _check(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        _check((self.prompt_column is None) == (self.completion_column is None),
+               "--prompt-column and --completion-column go together: give both or neither")
+
+
+@dataclass
+class PrepareConfig(DataConfig):
+    """Corpus plus the tokenizer to encode it with (taken from --model unless given)."""
+
+    model: str = opt("gpt2", "hub id (gpt2, distilgpt2, ...), a local model directory, or a .gguf file")
+    init: Literal["pretrained", "scratch"] = opt("pretrained", "start from --model's weights or from scratch")
+    preset: str = opt("small", "model size with --init scratch: tiny, small (GPT-2 124M shape) or medium")
+    tokenizer: str | None = opt(None, "tokenizer to use (default: --model's; with --init scratch a new BPE)")
+    vocab_size: int = opt(8192, "vocabulary size of a BPE trained with --init scratch and no --tokenizer")
+    allow_pickle: bool = opt(False, "allow loading pickled .bin/.pt weights (they can run code)")
+    trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.preset in PRESETS, f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
+        _check(self.init in ("pretrained", "scratch"), f"--init must be pretrained or scratch, got {self.init!r}")
+        _check(self.vocab_size >= 300, f"--vocab-size must be at least 300 (256 bytes + merges), got {self.vocab_size}")
+
+
+@dataclass
+class TrainConfig(PrepareConfig):
+    """Everything `penwright train` needs."""
+
+    out: str | None = opt(None, "run directory to write (model, checkpoints, metrics, loss.png)")
+    overwrite: bool = opt(False, "replace a run directory that holds a different run")
+    resume: bool = opt(False, "continue from the newest complete checkpoint in --out")
+    block_size: int | None = opt(None, "tokens per training sequence (default: min(model context, 512))")
+    batch_size: int = opt(8, "sequences per micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    lr: float | None = opt(None, "peak learning rate (default 5e-5 fine-tuning, 1e-3 from scratch)")
+    min_lr_ratio: float = opt(0.1, "cosine decay ends at lr * this")
+    warmup_steps: int | None = opt(None, "linear warm-up steps (default: 5%% of steps, at most 100)")
+    weight_decay: float = opt(0.01, "AdamW weight decay on matrices")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this (0 turns it off)")
+    max_steps: int | None = opt(None, "optimizer steps to run (default: --epochs)")
+    epochs: float | None = opt(None, "passes over the training split (default 1 when --max-steps is unset)")
+    precision: str = opt("auto", "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA only)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    seed: int = opt(42, "random seed for initialisation, data order and dropout")
+    eval_every: int = opt(200, "steps between validation evaluations (0: only at start and end)")
+    eval_batches: int = opt(50, "batches per periodic evaluation (the final one uses the whole split)")
+    sample_every: int = opt(500, "steps between printed samples (0: never)")
+    sample_length: int = opt(64, "tokens per training sample")
+    save_every: int = opt(500, "steps between checkpoints (0: only at the end)")
+    keep_checkpoints: int = opt(2, "checkpoints to keep")
+    log_every: int = opt(10, "steps between progress-bar and metrics.jsonl updates")
+    compile: bool = opt(False, "compile the model with torch.compile")
+    threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores)")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every", "sample_length", "eval_batches"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("eval_every", "sample_every", "save_every", "weight_decay", "grad_clip"):
+            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        _check(self.block_size is None or self.block_size >= 8, f"--block-size must be at least 8, got {self.block_size}")
+        _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
+        _check(self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
+        _check(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be positive, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+    @property
+    def peak_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if self.init == "scratch" else 5e-5
+
+
+@dataclass
+class SampleConfig:
+    """How to sample text; shared by generate, interactive, training samples, eval and the server."""
+
+    max_new_tokens: int = opt(128, "tokens to generate per sample")
+    temperature: float = opt(0.8, "sampling temperature (> 0); lower is more predictable")
+    top_k: int = opt(40, "sample only from the k likeliest tokens (0: no limit)")
+    top_p: float = opt(1.0, "sample only from the smallest set of tokens whose probability reaches p, in (0, 1]")
+    repetition_penalty: float = opt(1.0, "divide the odds of tokens already present by this (1: off)")
+    greedy: bool = opt(False, "always take the likeliest token (ignores temperature, top-k, top-p)")
+    num_samples: int = opt(1, "samples per prompt")
+    batch_size: int = opt(8, "samples generated at once")
+    seed: int | None = opt(None, "random seed: the same seed gives the same text")
+    stop: list[str] = opt([], "stop a sample at this string (repeatable)", action="append")
+    trim_to_sentence: bool = opt(False, "cut each sample after its last complete sentence")
+    label: str | None = opt(None, "write in this label's style, e.g. --label horror (models trained with --label-column)")
+
+    def __post_init__(self):
+        _check(self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        _check(self.greedy or (math.isfinite(self.temperature) and self.temperature > 0),
+               f"--temperature must be > 0 when sampling, got {self.temperature} (use --greedy for deterministic text)")
+        _check(self.top_k >= 0, f"--top-k must be 0 (off) or positive, got {self.top_k}")
+        _check(0 < self.top_p <= 1, f"--top-p must be in (0, 1], got {self.top_p}")
+        _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+               f"--repetition-penalty must be positive, got {self.repetition_penalty}")
+        _check(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
+        _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _check(all(isinstance(s, str) and s for s in self.stop), "--stop strings must not be empty")
+
+
+@dataclass
+class GenerateConfig(SampleConfig):
+    """`penwright generate` and `penwright interactive`: a model plus sampling settings."""
+
+    model: str | None = opt(None, "run directory (or any HF model directory, hub id or .gguf) to sample from")
+    prompt: str | None = opt(None, "text to continue (default: unconditional samples)")
+    prompt_file: str | None = opt(None, "file with one prompt per line")
+    output: str | None = opt(None, "also write the samples to this .jsonl file")
+    precision: str = opt("auto", "auto, fp32, bf16 or fp16 (CUDA only)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(not (self.prompt is not None and self.prompt_file is not None), "give --prompt or --prompt-file, not both")
+
+    def sampling(self) -> SampleConfig:
+        names = SampleConfig.__dataclass_fields__
+        return SampleConfig(**{k: v for k, v in asdict(self).items() if k in names})

@@ -1,0 +1,230 @@
+"""Writing text with a model: sampling, batching, stop strings, sentence trimming, streaming.
+
+`Writer` wraps any HF causal LM and its tokenizer. One decode loop (`_decode`) serves every use:
+it prefills the prompts once, then feeds one token per step through the KV cache and yields
+the new tokens, so batch generation, streaming and the server share the same code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+from .config import SampleConfig
+from .errors import PenwrightError
+
+CONTROL = re.compile(r"^<\|([^=|]+)=(.+)\|>$")
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+
+
+@dataclass
+class Sample:
+    prompt: str | None
+    text: str
+    label: str | None = None
+    finish_reason: str = "length"  # "stop" when EOS or a stop string ended it
+    new_tokens: int = 0
+
+
+class Writer:
+    """A model ready to write. `load(path)` makes one; `generate` and `stream` use it."""
+
+    def __init__(self, model, tokenizer, autocast: torch.dtype | None = None, log=print):
+        self.model, self.tokenizer, self.log = model, tokenizer, log
+        self.device = next(model.parameters()).device
+        self.autocast = autocast
+        from .models import context_length
+
+        self.context = context_length(model)
+        self.labels = {}  # label value -> control token id
+        for token, token_id in tokenizer.get_added_vocab().items():
+            if match := CONTROL.match(token):
+                self.labels[match.group(2)] = token_id
+
+    # --- the public API ---------------------------------------------------------------------
+
+    def generate(self, prompt: str | None = None, **settings) -> list[str]:
+        """`num_samples` continuations of `prompt` (unconditional when None)."""
+        cfg = SampleConfig(**settings)
+        return [s.text for s in self.samples([prompt], cfg)]
+
+    def samples(self, prompts: list[str | None], cfg: SampleConfig) -> list[Sample]:
+        """`cfg.num_samples` samples for each prompt, `cfg.batch_size` at a time, in prompt order."""
+        jobs = [p for p in prompts for _ in range(cfg.num_samples)]
+        generator = self._generator(cfg.seed)
+        out = []
+        for start in range(0, len(jobs), cfg.batch_size):
+            batch = jobs[start:start + cfg.batch_size]
+            ids, budget = zip(*(self._prompt_ids(p, cfg) for p in batch))
+            new = [[] for _ in batch]
+            reasons = ["length"] * len(batch)
+            for step in self._decode(list(ids), replace(cfg, max_new_tokens=min(budget)), generator):
+                for i, token in step.items():
+                    if token is None:
+                        reasons[i] = "stop"
+                    else:
+                        new[i].append(token)
+            for p, tokens, reason in zip(batch, new, reasons):
+                text, stopped = finish(self.tokenizer.decode(tokens, skip_special_tokens=True), cfg)
+                out.append(Sample(p, text, cfg.label, "stop" if stopped else reason, len(tokens)))
+        return out
+
+    def stream(self, prompt: str | None = None, cfg: SampleConfig | None = None, **settings) -> Iterator[str]:
+        """Yield one sample's text piece by piece as it is written."""
+        cfg = cfg or SampleConfig(**settings)
+        ids, budget = self._prompt_ids(prompt, cfg)
+        tokens, sent = [], 0
+        for step in self._decode([ids], replace(cfg, max_new_tokens=budget), self._generator(cfg.seed)):
+            if step[0] is not None:
+                tokens.append(step[0])
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            safe, stopped = finish(text, cfg, final=False)
+            if len(safe) > sent:
+                yield safe[sent:]
+                sent = len(safe)
+            if stopped:
+                return
+        final, _ = finish(self.tokenizer.decode(tokens, skip_special_tokens=True), cfg)
+        if len(final) > sent:
+            yield final[sent:]
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _generator(self, seed: int | None) -> torch.Generator:
+        generator = torch.Generator(self.device)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
+        return generator
+
+    def _prompt_ids(self, prompt: str | None, cfg: SampleConfig) -> tuple[list[int], int]:
+        """EOS (how every training document starts), the label's control token, then the prompt."""
+        head = [self.tokenizer.eos_token_id]
+        if cfg.label is not None:
+            if cfg.label not in self.labels:
+                known = ", ".join(sorted(self.labels)) or "none (train with --label-column)"
+                raise PenwrightError(f"unknown label {cfg.label!r}; this model knows: {known}")
+            head.append(self.labels[cfg.label])
+        body = self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        max_new = min(cfg.max_new_tokens, self.context - len(head) - 1)
+        room = self.context - max_new - len(head)
+        if len(body) > room:
+            self.log(f"warning: prompt is {len(body)} tokens, more than the {room} that fit with "
+                     f"{max_new} new tokens in a {self.context}-token context; keeping its last {room}")
+            body = body[len(body) - room:]
+        return head + body, max_new
+
+    @torch.inference_mode()
+    def _decode(self, prompts: list[list[int]], cfg: SampleConfig, generator) -> Iterator[dict]:
+        """Yield, per step, {row: new token id, or None when that row just finished}."""
+        model, eos = self.model, self.tokenizer.eos_token_id
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        seen = ids.masked_fill(mask == 0, -1)
+        done = [False] * len(prompts)
+        texts = [[] for _ in prompts]
+        past = None
+        was_training = model.training
+        model.eval()
+        try:
+            for _ in range(cfg.max_new_tokens):
+                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+                    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                choice = pick_tokens(out.logits[:, -1, :], cfg, generator, seen)
+                step = {}
+                for row, token in enumerate(choice.tolist()):
+                    if done[row]:
+                        continue
+                    texts[row].append(token)
+                    if token == eos or _hit_stop(self.tokenizer, texts[row], cfg.stop):
+                        done[row] = True
+                        step[row] = None if token == eos else token
+                    else:
+                        step[row] = token
+                yield step
+                if all(done):
+                    return
+                ids = choice[:, None]
+                seen = torch.cat([seen, ids], dim=1)
+                mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+                positions = positions[:, -1:] + 1
+        finally:
+            model.train(was_training)
+
+
+def _hit_stop(tokenizer, tokens: list[int], stops: list[str]) -> bool:
+    if not stops:
+        return False
+    tail = tokenizer.decode(tokens[-32:], skip_special_tokens=True)
+    return any(s in tail for s in stops)
+
+
+def pick_tokens(logits: torch.Tensor, cfg: SampleConfig, generator, seen: torch.Tensor) -> torch.Tensor:
+    """One token per row: repetition penalty, then greedy or temperature / top-k / top-p sampling."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0:
+        index = seen.clamp(min=0)
+        scores = logits.gather(1, index)
+        scores = torch.where(scores < 0, scores * cfg.repetition_penalty, scores / cfg.repetition_penalty)
+        logits = logits.scatter(1, index, torch.where(seen >= 0, scores, logits.gather(1, index)))
+    if cfg.greedy:
+        return logits.argmax(-1)
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest set reaching top_p
+        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def finish(text: str, cfg: SampleConfig, final: bool = True) -> tuple[str, bool]:
+    """Cut `text` at the first stop string and, if asked, after its last sentence.
+
+    With `final=False` (streaming), also hold back what might still become a stop string or an
+    unfinished sentence. Returns the text and whether a stop string was found.
+    """
+    stopped = False
+    for stop in cfg.stop:
+        at = text.find(stop)
+        if at >= 0:
+            text, stopped = text[:at], True
+    if not final and not stopped:
+        text = text.rstrip("\ufffd")  # half of a multi-byte character
+        for stop in cfg.stop:
+            for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                if text.endswith(stop[:n]):
+                    text = text[:-n]
+                    break
+    if cfg.trim_to_sentence:
+        ends = list(SENTENCE_END.finditer(text))
+        if ends:
+            text = text[:ends[-1].end()]
+        elif not final:
+            text = ""
+    return text, stopped
+
+
+def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle: bool = False, log=print) -> Writer:
+    """Load a run dir (or any HF model dir, hub id or .gguf) for writing."""
+    from .models import load_model, pick_device, pick_dtype
+    from .tokens import load_tokenizer
+
+    target = pick_device(device)
+    dtype = pick_dtype(precision, target)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, allow_pickle=allow_pickle, dtype=dtype).to(target)
+    return Writer(model, tokenizer, log=log)
+

@@ -1,0 +1,108 @@
+"""Models: resolving `--model`, scratch presets, control-token embeddings, devices and precision.
+
+Every model is a plain `transformers` causal LM, so what penwright saves loads without penwright.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import sources
+from .errors import PenwrightError
+
+# GPT-2 shapes; "small" is the 124M model.
+PRESETS = {
+    "tiny": dict(n_layer=4, n_head=4, n_embd=128, n_positions=256),
+    "small": dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024),
+    "medium": dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024),
+}
+
+
+def scratch_model(preset: str, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if preset not in PRESETS:
+        raise PenwrightError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **PRESETS[preset])
+    return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+
+
+def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = False, dtype=torch.float32):
+    """A pretrained causal LM from a hub id, a directory or a .gguf file; safetensors only by default."""
+    from transformers import AutoModelForCausalLM
+
+    source = sources.resolve(spec)
+    if not source.is_hub and "gguf_file" not in source.kwargs:
+        _check_weights(Path(source.path), allow_pickle)
+    safetensors_only = None if "gguf_file" in source.kwargs or allow_pickle else True
+    try:
+        return sources.load_pretrained(AutoModelForCausalLM, source, dtype=dtype, use_safetensors=safetensors_only,
+                                       trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+    except ValueError as e:  # e.g. an architecture that is not a causal LM
+        raise PenwrightError(f"{spec}: cannot load as a causal language model ({sources.first_line(e)})") from None
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> None:
+    if not (path / "config.json").is_file():
+        raise PenwrightError(f"{path}: no config.json; not a Hugging Face model directory")
+    pickled = any(path.glob("*.bin")) or any(path.glob("*.pt"))
+    if pickled and not allow_pickle and not any(path.glob("*.safetensors")):
+        raise PenwrightError(f"{path}: holds only pickled weights (.bin/.pt), which can run code when loaded; "
+                             "pass --allow-pickle if you trust them")
+
+
+def fit_tokenizer(model, tokenizer) -> None:
+    """Grow the embeddings for added (control) tokens and agree on EOS and pad ids."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+
+
+def context_length(model) -> int:
+    config = model.config
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048
+
+
+def save_model(model, tokenizer, path: Path) -> None:
+    """Write an HF-format model directory (safetensors, config, tokenizer, generation config)."""
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+
+
+# --- hardware ---------------------------------------------------------------------------------
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PenwrightError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise PenwrightError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+
+
+def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The compute dtype for `--precision`; auto is bf16 where the hardware does it natively."""
+    if precision == "auto":
+        precision = "bf16" if bf16_supported(device) else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise PenwrightError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise PenwrightError("this GPU has no bf16; use --precision fp16 or fp32")
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

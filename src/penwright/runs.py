@@ -1,0 +1,154 @@
+"""The run directory: the unit everything downstream takes a path to.
+
+    runs/NAME/
+      config.json, model.safetensors, tokenizer files, generation_config.json   (plain HF model)
+      README.md        model card: data, hyper-parameters, perplexity, samples
+      penwright.json   the TrainConfig, corpus stats and results
+      metrics.jsonl    one JSON record per logged step, evaluation and sample
+      loss.png         training and validation loss
+      checkpoints/     step-NNNNNNNN/ (see checkpoint.py)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from . import files
+from .config import TrainConfig
+from .errors import PenwrightError
+
+RUN_FILE = "penwright.json"
+# Settings that make a run a different run; changing others (steps, eval cadence) is fine on resume.
+IDENTITY = ("data", "val_file", "model", "init", "preset", "tokenizer", "text_column", "label_column",
+            "prompt_column", "completion_column", "line_by_line", "val_fraction", "block_size", "seed")
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.metrics_path = self.path / "metrics.jsonl"
+
+    @classmethod
+    def claim(cls, cfg: TrainConfig) -> "RunDir":
+        """Check that --out may be written by this run, honouring --resume and --overwrite."""
+        if not cfg.out:
+            raise PenwrightError("no run directory given: pass --out runs/NAME")
+        run = cls(Path(cfg.out))
+        if run.path.exists() and not run.path.is_dir():
+            raise PenwrightError(f"--out {run.path} is a file; give a folder")
+        if run.path.is_dir() and any(run.path.iterdir()):
+            previous = run.read_config()
+            if cfg.overwrite:
+                if previous is None and not (run.path / "config.json").is_file():
+                    raise PenwrightError(f"--out {run.path} holds files that are not a penwright run; "
+                                         "refusing to delete them even with --overwrite: choose another --out")
+                files.remove(run.path)
+            elif previous is None:
+                raise PenwrightError(f"--out {run.path} is not empty and holds no penwright run; choose another folder")
+            elif not cfg.resume:
+                raise PenwrightError(f"--out {run.path} already holds a run: add --resume to continue it "
+                                     "or --overwrite to start again")
+            else:
+                changed = [k for k in IDENTITY if previous.get(k) != getattr(cfg, k)]
+                if changed:
+                    raise PenwrightError(f"--out {run.path} holds a different run (--{changed[0].replace('_', '-')} "
+                                         f"was {previous.get(changed[0])!r}); use another --out or --overwrite")
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    # --- settings and results -----------------------------------------------------------------
+
+    def read_config(self) -> dict | None:
+        try:
+            return json.loads((self.path / RUN_FILE).read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def write_info(self, cfg: TrainConfig, **info) -> None:
+        files.write_text(self.path / RUN_FILE, json.dumps({"config": asdict(cfg), **info}, indent=2, default=str))
+
+    # --- metrics ------------------------------------------------------------------------------
+
+    def log(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.metrics_path)
+
+    def forget_after(self, step: int) -> None:
+        """Drop records past `step`, written by a run that died before its next checkpoint."""
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
+        files.write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def plot_loss(self) -> Path:
+        return plot_losses({self.path.name: self.metrics()}, self.path / "loss.png")
+
+    # --- model card ---------------------------------------------------------------------------
+
+    def write_card(self, cfg: TrainConfig, stats: dict, results: dict, samples: list[str]) -> None:
+        rows = "\n".join(f"| {k} | {v} |" for k, v in results.items())
+        settings = {k: v for k, v in asdict(cfg).items() if v not in (None, False, [])}
+        labels = ", ".join(f"{k} ({v})" for k, v in stats.get("labels", {}).items()) or "none"
+        text = "\n".join([
+            "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [penwright]", "---", "",
+            f"# {self.path.name}", "",
+            f"A causal language model fine-tuned with penwright on `{cfg.data}`.", "",
+            "## Data", "",
+            f"{stats.get('documents')} documents, {stats.get('characters')} characters, "
+            f"{stats.get('train_tokens')} training and {stats.get('val_tokens')} validation tokens. Labels: {labels}.", "",
+            "## Results", "", "| metric | value |", "| --- | --- |", rows, "",
+            "## Training settings", "", "```json", json.dumps(settings, indent=2, default=str), "```", "",
+            "## Samples", "", *[f"> {s.strip()}\n" for s in samples], "",
+            "## Use", "", "```python", "from transformers import pipeline",
+            f"writer = pipeline('text-generation', model='{self.path}')", "print(writer('Once upon a time')[0]['generated_text'])",
+            "```", "",
+        ])
+        files.write_text(self.path / "README.md", text)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut short by a crash
+    return records
+
+
+def plot_losses(runs: dict[str, list[dict]], path: Path) -> Path:
+    """Training (line) and validation (dots) loss per step for one or more runs, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    for name, records in runs.items():
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r and math.isfinite(r["val_loss"])]
+        prefix = f"{name} " if len(runs) > 1 else ""
+        if train:
+            line, = ax.plot(*zip(*train), label=f"{prefix}train")
+            color = line.get_color()
+        else:
+            color = None
+        if val:
+            ax.plot(*zip(*val), "o--", color=color, label=f"{prefix}validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with files.replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

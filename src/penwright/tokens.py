@@ -1,0 +1,228 @@
+"""Tokenizers and the token cache.
+
+`prepare()` turns a corpus into a `TokenStore`: one flat memory-mapped token array per split
+(uint16 when the vocabulary fits), an optional loss mask for prompt/completion corpora, the
+exact tokenizer used, and a JSON manifest. The store lives in a cache folder named by a hash of
+the corpus bytes, the options and the tokenizer, so unchanged input is never tokenized twice.
+
+Stream layout: EOS, then for every document ``[<|label=value|>] [prompt] text EOS``, so each
+document is preceded by EOS, which is also how generation starts a new text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from . import sources
+from .config import PrepareConfig
+from .corpus import Corpus, Document, corpus_fingerprint, load_corpus
+from .errors import PenwrightError
+
+FORMAT_VERSION = 1
+EOS = "<|endoftext|>"
+CHUNK_CHARS = 1 << 16  # long texts are cut into chunks so every core can tokenize
+
+
+def control_token(column: str, value: str) -> str:
+    return f"<|{column}={value}|>"
+
+
+def cache_root(cfg: PrepareConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get("PENWRIGHT_CACHE") or Path.home() / ".cache" / "penwright"
+    return Path(root).expanduser() / "tokens"
+
+
+# --- tokenizers -------------------------------------------------------------------------------
+
+def load_tokenizer(spec: str, trust_remote_code: bool = False):
+    """A fast tokenizer from a hub id, a directory or a .gguf file, with EOS and pad set."""
+    from transformers import AutoTokenizer, GPT2Tokenizer
+
+    source = sources.resolve(spec)
+    try:
+        tokenizer = sources.load_pretrained(AutoTokenizer, source, trust_remote_code=trust_remote_code)
+    except (ValueError, PenwrightError):
+        # A bare GPT-2 vocabulary (vocab.json + merges.txt, no config) is common; read it as one.
+        if not (Path(source.path) / "merges.txt").is_file():
+            raise
+        tokenizer = GPT2Tokenizer.from_pretrained(source.path)
+    return _with_eos_and_pad(tokenizer, spec)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE (GPT-2's scheme) trained on `texts`, for models trained from scratch."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS)
+
+
+def _with_eos_and_pad(tokenizer, spec: str):
+    if not getattr(tokenizer, "is_fast", False):
+        raise PenwrightError(f"{spec}: has no fast (Rust) tokenizer; penwright needs one")
+    if tokenizer.eos_token is None:
+        tokenizer.add_special_tokens({"eos_token": EOS})
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_control_tokens(tokenizer, tokens: list[str]) -> int:
+    """Add label control tokens as special tokens (never split, skipped when decoding)."""
+    new = [t for t in tokens if t not in tokenizer.get_vocab()]
+    return tokenizer.add_tokens(new, special_tokens=True) if new else 0
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+def encode_texts(tokenizer, texts: list[str]) -> list[np.ndarray]:
+    """Token ids of each text, in batches the Rust tokenizer spreads over every core."""
+    pieces, owners = [], []
+    for i, text in enumerate(texts):
+        for chunk in _chunks(text):
+            pieces.append(chunk)
+            owners.append(i)
+    encoded = tokenizer.backend_tokenizer.encode_batch_fast(pieces, add_special_tokens=False) if pieces else []
+    out: list[list[np.ndarray]] = [[] for _ in texts]
+    for owner, enc in zip(owners, encoded):
+        out[owner].append(np.asarray(enc.ids, dtype=np.int64))
+    return [np.concatenate(parts) if parts else np.zeros(0, np.int64) for parts in out]
+
+
+def _chunks(text: str):
+    """Cut long text before a line that starts with a non-space, where byte-level BPE never merges."""
+    start = 0
+    while len(text) - start > CHUNK_CHARS:
+        match = re.compile(r"\n(?=\S)").search(text, start + CHUNK_CHARS)
+        if not match:
+            break
+        yield text[start:match.end()]
+        start = match.end()
+    yield text[start:]
+
+
+def encode_documents(tokenizer, docs: list[Document], label_column: str | None,
+                     with_mask: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """The packed token stream of `docs` and, `with_mask`, which tokens the loss learns."""
+    eos = tokenizer.eos_token_id
+    texts = encode_texts(tokenizer, [d.text for d in docs])
+    prompts = encode_texts(tokenizer, [d.prompt or "" for d in docs]) if with_mask else None
+    vocab = tokenizer.get_vocab()
+    tokens, masks = [np.array([eos], np.int64)], [np.zeros(1, np.uint8)]
+    for i, doc in enumerate(docs):
+        head = [vocab[control_token(label_column, doc.label)]] if doc.label is not None else []
+        head_ids = np.concatenate([np.asarray(head, np.int64), prompts[i] if prompts else np.zeros(0, np.int64)])
+        body = np.concatenate([texts[i], [eos]])
+        tokens += [head_ids, body]
+        learn_head = 0 if doc.prompt is not None else 1
+        masks += [np.full(len(head_ids), learn_head, np.uint8), np.ones(len(body), np.uint8)]
+    return np.concatenate(tokens), (np.concatenate(masks) if with_mask else None)
+
+
+# --- the store --------------------------------------------------------------------------------
+
+@dataclass
+class TokenStore:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: Path) -> "TokenStore":
+        return cls(Path(path), json.loads((Path(path) / "manifest.json").read_text()))
+
+    def tokens(self, split: str) -> np.ndarray:
+        return self._array(f"{split}.bin", self.manifest["dtype"], self.manifest[f"{split}_tokens"])
+
+    def mask(self, split: str) -> np.ndarray | None:
+        if not self.manifest["has_mask"]:
+            return None
+        return self._array(f"{split}_mask.bin", "uint8", self.manifest[f"{split}_tokens"])
+
+    def _array(self, name: str, dtype: str, count: int) -> np.ndarray:
+        if count == 0:
+            return np.zeros(0, dtype)
+        return np.memmap(self.path / name, dtype=dtype, mode="r", shape=(count,))
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.path / "tokenizer")
+
+    @property
+    def stats(self) -> dict:
+        return self.manifest["stats"]
+
+
+def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
+    """Read, split and tokenize the corpus, or reuse the cached result for the same input."""
+    fingerprint = corpus_fingerprint(cfg)
+    base = None
+    if cfg.tokenizer or cfg.init == "pretrained":
+        base = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
+        tokenizer_id = tokenizer_fingerprint(base)
+    else:
+        tokenizer_id = f"trained-bpe-{cfg.vocab_size}"
+    options = {k: getattr(cfg, k) for k in ("text_column", "label_column", "prompt_column", "completion_column",
+                                            "line_by_line", "val_fraction", "encoding")}
+    key = hashlib.sha256(json.dumps([FORMAT_VERSION, fingerprint, options, bool(cfg.val_file), tokenizer_id],
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    path = cache_root(cfg) / key
+    if (path / "manifest.json").is_file():
+        store = TokenStore.open(path)
+        log(f"prepared tokens found in cache: {path}")
+        return store
+    corpus = load_corpus(cfg)
+    tokenizer = base if base is not None else train_tokenizer([d.text for d in corpus.train], cfg.vocab_size)
+    return _write_store(path, corpus, tokenizer, cfg, log)
+
+
+def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log) -> TokenStore:
+    add_control_tokens(tokenizer, [control_token(cfg.label_column, v) for v in sorted(corpus.labels)])
+    dtype = "uint16" if len(tokenizer) <= 1 << 16 else "uint32"
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        counts = {}
+        has_mask = any(d.prompt is not None for d in corpus.train + corpus.val)
+        for split, docs in (("train", corpus.train), ("val", corpus.val)):
+            tokens, mask = encode_documents(tokenizer, docs, cfg.label_column, has_mask) if docs else (np.zeros(0), None)
+            counts[split] = len(tokens)
+            tokens.astype(dtype).tofile(tmp / f"{split}.bin")
+            if mask is not None:
+                mask.tofile(tmp / f"{split}_mask.bin")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        stats = {**corpus.stats(), "tokens": counts["train"] + counts["val"],
+                 "train_tokens": counts["train"], "val_tokens": counts["val"], "vocab_size": len(tokenizer)}
+        manifest = {"version": FORMAT_VERSION, "dtype": dtype, "has_mask": has_mask, "stats": stats,
+                    "label_column": cfg.label_column, "eos_token_id": tokenizer.eos_token_id,
+                    "train_tokens": counts["train"], "val_tokens": counts["val"],
+                    "data": str(cfg.data), "val_file": cfg.val_file}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.rename(tmp, path)
+        except OSError:  # another process finished the same store first
+            if not (path / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"tokenized into {path}")
+    return TokenStore.open(path)

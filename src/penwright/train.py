@@ -1,0 +1,298 @@
+"""The training loop: packed blocks from the token store, AdamW, warm-up + cosine, mixed precision.
+
+Data order is a pure function of (seed, step), so the data position of a checkpoint is its step,
+and a resumed run sees exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint
+from .config import SampleConfig, TrainConfig
+from .errors import PenwrightError
+from .generate import Writer
+from .models import context_length, fit_tokenizer, load_model, pick_device, pick_dtype, save_model, scratch_model
+from .runs import RunDir
+from .tokens import TokenStore, prepare
+
+IGNORE = -100
+
+
+class Blocks:
+    """Non-overlapping `block_size` windows of a token stream, shuffled per epoch.
+
+    Micro-batch `i` is a pure function of (seed, i): epoch `i // per_epoch` uses its own
+    permutation of the windows. Rank `r` of `world` takes its slice of each global batch.
+    """
+
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray | None, block_size: int, batch_size: int,
+                 seed: int, rank: int = 0, world: int = 1):
+        self.tokens, self.mask, self.block = tokens, mask, block_size
+        self.batch, self.seed, self.rank, self.world = batch_size, seed, rank, world
+        self.windows = (len(tokens) - 1) // block_size
+        self.per_epoch = self.windows // (batch_size * world)
+        self._order = (None, None)
+
+    def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, j = divmod(i, self.per_epoch)
+        if self._order[0] != epoch:
+            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.windows))
+        first = (j * self.world + self.rank) * self.batch
+        return self.rows(self._order[1][first:first + self.batch])
+
+    def rows(self, windows) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = np.asarray(windows, dtype=np.int64)[:, None] * self.block
+        index = starts + np.arange(self.block + 1)
+        chunk = torch.from_numpy(self.tokens[index].astype(np.int64))
+        x, y = chunk[:, :-1], chunk[:, 1:].clone()
+        if self.mask is not None:
+            y[torch.from_numpy(self.mask[index[:, 1:]] == 0)] = IGNORE
+        return x, y
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy, computed in fp32 from the (possibly bf16) logits."""
+    logits = model(input_ids=x, use_cache=False).logits
+    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction=reduction)
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only; fused kernels where this PyTorch has them."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), fused=device.type in ("cpu", "cuda"))
+
+
+@dataclass
+class Evaluator:
+    blocks: Blocks | None
+    dtype: torch.dtype
+
+    @classmethod
+    def over(cls, store: TokenStore, block_size: int, dtype) -> "Evaluator":
+        tokens = store.tokens("val")
+        if len(tokens) < 2:
+            return cls(None, dtype)
+        block = min(block_size, len(tokens) - 1)
+        return cls(Blocks(tokens, store.mask("val"), block, 1, 0), dtype)
+
+    @torch.no_grad()
+    def loss(self, model, max_batches: int | None = None, batch_size: int = 8) -> float:
+        """Token-weighted mean loss over the first `max_batches` batches of validation windows."""
+        if self.blocks is None:
+            return float("nan")
+        device = next(model.parameters()).device
+        windows = list(range(self.blocks.windows))
+        if max_batches is not None:
+            windows = windows[:max_batches * batch_size]
+        was_training = model.training
+        model.eval()
+        total, count = torch.zeros((), dtype=torch.float64), 0
+        for start in range(0, len(windows), batch_size):
+            x, y = self.blocks.rows(windows[start:start + batch_size])
+            with autocast(device, self.dtype):
+                total += lm_loss(model, x.to(device), y.to(device), reduction="sum").double().cpu()
+            count += int((y != IGNORE).sum())
+        model.train(was_training)
+        return total.item() / max(count, 1)
+
+
+@contextmanager
+def autocast(device: torch.device, dtype: torch.dtype):
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        yield
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to finish its step, save and exit cleanly."""
+
+    def __init__(self):
+        self.raised = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised is not None:  # a second Ctrl+C: stop now
+            raise KeyboardInterrupt
+        self.raised = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg: TrainConfig, log=print) -> Path:
+    """Fine-tune (or train from scratch) as `cfg` says; returns the run directory."""
+    from tqdm.auto import tqdm
+
+    run = RunDir.claim(cfg)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.precision, device)
+    store = prepare(cfg, log)
+    tokenizer = store.tokenizer()
+
+    resume_from = checkpoint.latest(run.path, log) if cfg.resume else None
+    torch.manual_seed(cfg.seed)
+    if resume_from:
+        model = load_model(str(resume_from))
+    elif cfg.init == "scratch":
+        model = scratch_model(cfg.preset, tokenizer)
+    else:
+        model = load_model(cfg.model, cfg.allow_pickle, cfg.trust_remote_code)
+    fit_tokenizer(model, tokenizer)
+    block_size = cfg.block_size or min(context_length(model), 512)
+    if block_size > context_length(model):
+        raise PenwrightError(f"--block-size {block_size} exceeds the model's context of {context_length(model)} tokens")
+    settings, cfg = cfg, replace(cfg, block_size=block_size)
+    blocks = _training_blocks(store, cfg)
+    total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks.per_epoch / cfg.grad_accum))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, total // 20)
+
+    model.to(device).train()
+    optimizer = make_optimizer(model, cfg, device)
+    step = 0
+    if resume_from:
+        state = checkpoint.load_state(resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+        step = state["step"]
+        run.forget_after(step)
+        log(f"resuming from {resume_from} (step {step})")
+    elif cfg.resume:
+        log("no checkpoint to resume from; starting a new run")
+    run.write_info(settings, stats=store.stats, block_size=block_size, total_steps=total)
+    evaluator = Evaluator.over(store, block_size, dtype)
+    writer = Writer(model, tokenizer, autocast=dtype if dtype != torch.float32 else None, log=log)
+    sampling = SampleConfig(max_new_tokens=cfg.sample_length, seed=cfg.seed)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * block_size
+    _announce(log, store, cfg, total, tokens_per_step, device, dtype)
+
+    if step == 0:
+        before = evaluator.loss(model, cfg.eval_batches)
+        run.log({"step": 0, "val_loss": before, "val_ppl": _ppl(before)})
+    else:
+        before = next((r["val_loss"] for r in run.metrics() if r.get("step") == 0 and "val_loss" in r), float("nan"))
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "optimizer": optimizer.state_dict(),
+                 "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}}
+        return checkpoint.save(run.path, at_step, model, tokenizer, state, cfg.keep_checkpoints)
+
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc="training",
+               mininterval=0.5 if sys.stderr.isatty() else 30)
+    running, timer, counted = torch.zeros((), device=device), time.perf_counter(), 0
+    with StopFlag() as stop:
+        while step < total:
+            lr = lr_at(step, cfg.peak_lr, warmup, total, cfg.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(cfg.grad_accum):
+                x, y = blocks.get(step * cfg.grad_accum + micro)
+                with autocast(device, dtype):
+                    loss = lm_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                (loss / cfg.grad_accum).backward()
+                running += loss.detach()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            counted += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total or stop.raised:
+                mean = running.item() / (counted * cfg.grad_accum)  # the only host sync in the loop
+                speed = counted * tokens_per_step / (time.perf_counter() - timer)
+                run.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": speed, "tokens": step * tokens_per_step})
+                bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}")
+                running.zero_()
+                timer, counted = time.perf_counter(), 0
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
+                val = evaluator.loss(model, cfg.eval_batches)
+                run.log({"step": step, "val_loss": val, "val_ppl": _ppl(val)})
+                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {_ppl(val):.2f}")
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                text = writer.samples([None], sampling)[0].text
+                run.log({"step": step, "sample": text})
+                bar.write(f"--- sample at step {step} ---\n{text}\n---")
+            if stop.raised and step < total:
+                where = save(step)
+                bar.close()
+                log(f"stopped by {stop.raised} at step {step}; checkpoint {where}. "
+                    f"Continue with the same command plus --resume")
+                return run.path
+            if cfg.save_every and step % cfg.save_every == 0 and step < total:
+                save(step)
+    bar.close()
+    save(step)
+    return _finish(run, settings, block_size, model, tokenizer, store, evaluator, writer, sampling, before, log)
+
+
+def _training_blocks(store: TokenStore, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Blocks:
+    tokens = store.tokens("train")
+    blocks = Blocks(tokens, store.mask("train"), cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
+    if blocks.windows == 0:
+        fits = 1 << max(3, (len(tokens) - 2).bit_length() - 1)
+        hint = f"use --block-size {fits} or less, or add text" if len(tokens) > 9 else "add more text"
+        raise PenwrightError(f"the training split has {len(tokens)} tokens, fewer than one block of "
+                             f"{cfg.block_size}+1; {hint}")
+    if blocks.per_epoch == 0:
+        raise PenwrightError(f"the training split holds {blocks.windows} blocks of {cfg.block_size} tokens, fewer "
+                             f"than one batch of {cfg.batch_size * world}; use --batch-size {blocks.windows // world} "
+                             "or a smaller --block-size")
+    return blocks
+
+
+def _announce(log, store, cfg, total, tokens_per_step, device, dtype) -> None:
+    s = store.stats
+    labels = ", ".join(f"{k}={v}" for k, v in s["labels"].items())
+    log(f"corpus: {s['files']} files, {s['documents']} documents, {s['characters']:,} characters, "
+        f"{s['tokens']:,} tokens ({s['train_tokens']:,} train / {s['val_tokens']:,} validation)"
+        + (f"; labels: {labels}" if labels else ""))
+    log(f"training {total} steps of {tokens_per_step:,} tokens (batch {cfg.batch_size} x accumulation "
+        f"{cfg.grad_accum} x block {cfg.block_size}), lr {cfg.peak_lr:g}, on {device} in {str(dtype).split('.')[-1]}")
+
+
+def _finish(run, cfg, block_size, model, tokenizer, store, evaluator, writer, sampling, before, log) -> Path:
+    """Final evaluation on the whole validation split, samples, the HF model, plot and card."""
+    after = evaluator.loss(model)
+    run.log({"step": run.metrics()[-1]["step"] if run.metrics() else 0, "val_loss": after, "val_ppl": _ppl(after)})
+    samples = [s.text for s in writer.samples([None], replace(sampling, num_samples=3))]
+    save_model(model, tokenizer, run.path)
+    results = {"validation loss": f"{after:.4f}", "validation perplexity": f"{_ppl(after):.2f}",
+               "validation perplexity before training": f"{_ppl(before):.2f}"}
+    run.write_info(cfg, stats=store.stats, block_size=block_size, results={"val_loss": after, "val_ppl": _ppl(after),
+                                                    "val_loss_before": before, "val_ppl_before": _ppl(before)})
+    run.plot_loss()
+    run.write_card(cfg, store.stats, results, samples)
+    log(f"validation perplexity: {_ppl(before):.2f} before, {_ppl(after):.2f} after training")
+    log(f"model saved to {run.path}")
+    return run.path
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(min(loss, 50)) if math.isfinite(loss) else float("nan")
