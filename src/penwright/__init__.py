@@ -17,7 +17,7 @@ _EXPORTS = {
     "DataConfig": "config", "PrepareConfig": "config", "TrainConfig": "config",
     "SampleConfig": "config", "GenerateConfig": "config",
     "prepare": "tokens", "TokenStore": "tokens",
-    "train": "train",
+    "train": "training",
     "load": "generate", "Writer": "generate", "Sample": "generate",
 }
 __all__ = sorted(_EXPORTS)

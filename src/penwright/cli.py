@@ -118,7 +118,7 @@ def cmd_prepare(cfg: PrepareConfig) -> None:
 
 
 def cmd_train(cfg: TrainConfig) -> None:
-    from .train import train
+    from .training import train
 
     train(cfg, log=warn)
 

@@ -8,9 +8,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from . import sources
 from .errors import PenwrightError
+
+hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the training bar
 
 # GPT-2 shapes; "small" is the 124M model.
 PRESETS = {

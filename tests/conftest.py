@@ -1,0 +1,76 @@
+"""Shared fixtures: small corpora written by the tests, and one tiny trained run reused by many tests.
+
+Nothing here needs the network or files outside the repository: corpora are cut from the
+project's own sample data, tokenizers are trained on them, models are built from scratch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+SAMPLE = Path(__file__).resolve().parents[1] / "src" / "penwright" / "data" / "sample_stories.csv"
+
+
+def sample_rows() -> list[dict]:
+    with open(SAMPLE, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Token caches go to a temporary folder, never ~/.cache; the hub is never contacted."""
+    os.environ["PENWRIGHT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    yield
+
+
+@pytest.fixture(scope="session")
+def stories_csv(tmp_path_factory) -> Path:
+    """192 genre-labelled synopses (genre,title,synopsis) as a CSV the test owns."""
+    path = tmp_path_factory.mktemp("corpus") / "stories.csv"
+    path.write_bytes(SAMPLE.read_bytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_txt(tmp_path_factory) -> Path:
+    """The synopses as one plain-text file, one paragraph each."""
+    path = tmp_path_factory.mktemp("corpus") / "stories.txt"
+    path.write_text("\n\n".join(r["synopsis"] for r in sample_rows()) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def stories_jsonl(tmp_path_factory) -> Path:
+    """Prompt/completion rows: the title as prompt, the synopsis as completion."""
+    path = tmp_path_factory.mktemp("corpus") / "stories.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"Title: {r['title']}\nStory:", "completion": " " + r["synopsis"],
+                                        "genre": r["genre"]}) + "\n" for r in sample_rows()))
+    return path
+
+
+def tiny_config(data: Path, out: Path, **overrides):
+    """A TrainConfig for a tiny scratch model that trains in seconds on 2 CPU cores."""
+    from penwright import TrainConfig
+
+    settings = dict(data=str(data), out=str(out), init="scratch", preset="tiny", vocab_size=512, block_size=64,
+                    batch_size=8, max_steps=40, eval_every=0, sample_every=0, save_every=0, log_every=5,
+                    precision="fp32", seed=1)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, stories_csv) -> Path:
+    """A run dir trained once per session on the labelled stories (labels: six genres)."""
+    from penwright import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    return train(tiny_config(stories_csv, out, text_column="synopsis", label_column="genre", max_steps=60),
+                 log=lambda *_: None)
