@@ -1,0 +1,84 @@
+"""Sampling: reproducible seeds, labels, stop strings, trimming, streaming, long prompts."""
+
+import pytest
+import torch
+
+from penwright import PenwrightError, load
+from penwright.config import SampleConfig
+from penwright.generate import finish, pick_tokens
+
+
+@pytest.fixture(scope="module")
+def writer(tiny_run):
+    return load(str(tiny_run), precision="fp32", log=lambda *_: None)
+
+
+def test_same_seed_same_text_and_other_seed_other_text(writer):
+    a = writer.generate("The night", num_samples=2, seed=11, max_new_tokens=24)
+    assert a == writer.generate("The night", num_samples=2, seed=11, max_new_tokens=24)
+    assert a != writer.generate("The night", num_samples=2, seed=12, max_new_tokens=24)
+    assert len(a) == 2 and a[0] != a[1]
+
+
+def test_stream_writes_the_same_text_as_batch(writer):
+    settings = dict(seed=5, max_new_tokens=30, stop=["."])
+    pieces = list(writer.stream("A storm", **settings))
+    assert len(pieces) > 1
+    assert "".join(pieces) == writer.generate("A storm", **settings)[0]
+    assert "." not in "".join(pieces)
+
+
+def test_labels_condition_generation_and_unknown_label_is_refused(writer):
+    assert set(writer.labels) == {"horror", "romance", "scifi", "fantasy", "mystery", "comedy"}
+    ids, _ = writer._prompt_ids("Hello", SampleConfig(label="horror"))
+    assert ids[1] == writer.tokenizer.convert_tokens_to_ids("<|genre=horror|>")
+    with torch.no_grad():
+        first = {g: writer.model(torch.tensor([writer._prompt_ids(None, SampleConfig(label=g))[0]])).logits[0, -1]
+                 for g in ("horror", "comedy")}
+    assert not torch.allclose(first["horror"], first["comedy"]), "the label changes what comes next"
+    assert len(writer.generate(None, label="horror", seed=3, max_new_tokens=20)[0]) > 0
+    with pytest.raises(PenwrightError, match="unknown label 'western'; this model knows: comedy, fantasy"):
+        writer.generate("x", label="western")
+
+
+def test_long_prompt_keeps_its_last_tokens_with_a_warning(tiny_run):
+    warnings = []
+    writer = load(str(tiny_run), precision="fp32", log=warnings.append)
+    prompt = "word " * 400
+    ids, budget = writer._prompt_ids(prompt, SampleConfig(max_new_tokens=50))
+    assert len(ids) + budget <= writer.context and budget == 50
+    assert "keeping its last" in warnings[0]
+    assert len(writer.generate(prompt, max_new_tokens=50, seed=1)) == 1
+
+
+def test_pick_tokens_settings():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.5]])
+    g = torch.Generator().manual_seed(0)
+    seen = torch.full((1, 1), -1)
+    assert pick_tokens(logits, SampleConfig(greedy=True), g, seen).item() == 1
+    assert {pick_tokens(logits, SampleConfig(top_k=1), g, seen).item() for _ in range(20)} == {1}
+    assert {pick_tokens(logits, SampleConfig(top_p=0.3), g, seen).item() for _ in range(20)} == {1}
+    assert {pick_tokens(logits, SampleConfig(top_k=2), g, seen).item() for _ in range(50)} == {1, 2}
+    penalised = pick_tokens(logits, SampleConfig(greedy=True, repetition_penalty=10.0), g, torch.tensor([[1]]))
+    assert penalised.item() == 2
+
+
+def test_finish_cuts_at_stop_and_trims_to_sentence():
+    assert finish("Hello there. More text", SampleConfig(trim_to_sentence=True)) == ("Hello there.", False)
+    assert finish('He said "Go!" and then', SampleConfig(trim_to_sentence=True))[0] == 'He said "Go!"'
+    assert finish("one\ntwo END three", SampleConfig(stop=["END"])) == ("one\ntwo ", True)
+    assert finish("partial EN", SampleConfig(stop=["END"]), final=False) == ("partial ", False)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(temperature=0), "--temperature must be > 0 when sampling"),
+    (dict(temperature=-1.0), "--temperature must be > 0"),
+    (dict(top_p=0), r"--top-p must be in \(0, 1\]"),
+    (dict(top_p=1.5), r"--top-p must be in \(0, 1\]"),
+    (dict(top_k=-1), "--top-k must be 0"),
+    (dict(max_new_tokens=0), "--max-new-tokens must be at least 1"),
+])
+def test_bad_sampling_settings(settings, message):
+    with pytest.raises(PenwrightError, match=message):
+        SampleConfig(**settings)
+    assert SampleConfig(temperature=0, greedy=True).greedy

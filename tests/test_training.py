@@ -1,0 +1,118 @@
+"""End-to-end training on tiny models: learning, exact resume, HF-format output, guards."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_config
+from penwright import PenwrightError, train, training
+from penwright.tokens import prepare
+from penwright.training import IGNORE, Blocks, lm_loss
+
+quiet = dict(log=lambda *_: None)
+
+
+def test_validation_loss_falls_and_run_dir_is_complete(tiny_run):
+    records = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    train_loss = [r["loss"] for r in records if "loss" in r]
+    assert val[-1] < val[0] - 0.5 and train_loss[-1] < train_loss[0]
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md",
+                 "loss.png", "penwright.json"):
+        assert (tiny_run / name).is_file(), name
+    assert (tiny_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    card = (tiny_run / "README.md").read_text()
+    assert "validation perplexity" in card and "horror (32)" in card
+    info = json.loads((tiny_run / "penwright.json").read_text())
+    assert info["results"]["val_ppl"] < info["results"]["val_ppl_before"]
+
+
+def test_run_dir_loads_with_plain_transformers(tiny_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_run)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_run)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert "<|genre=horror|>" in tokenizer.get_added_vocab()
+    writer = pipeline("text-generation", model=str(tiny_run))
+    out = writer("The house", max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    assert out.startswith("The house") and len(out) > len("The house")
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, stories_txt, monkeypatch):
+    settings = dict(max_steps=12, save_every=4, keep_checkpoints=2)
+    whole = train(tiny_config(stories_txt, tmp_path / "whole", **settings), **quiet)
+
+    calls = {"n": 0}
+    real_loss = training.lm_loss
+
+    def crash_at_step_10(*args, **kwargs):
+        calls["n"] += torch.is_grad_enabled()  # count training steps, not evaluation batches
+        if calls["n"] == 10:
+            raise RuntimeError("simulated crash")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(training, "lm_loss", crash_at_step_10)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(tiny_config(stories_txt, tmp_path / "resumed", **settings), **quiet)
+    monkeypatch.setattr(training, "lm_loss", real_loss)
+    messages = []
+    resumed = train(tiny_config(stories_txt, tmp_path / "resumed", resume=True, **settings), log=messages.append)
+    assert any("step 8" in m for m in messages)
+
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [r["step"] for r in map(json.loads, (resumed / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == sorted(set(steps)), "metrics of the crashed attempt past the checkpoint were dropped"
+
+
+def test_prompt_tokens_carry_no_loss(stories_jsonl):
+    store = prepare(tiny_config(stories_jsonl, "unused", prompt_column="prompt", completion_column="completion"),
+                    **quiet)
+    blocks = Blocks(store.tokens("train"), store.mask("train"), 64, 4, seed=0)
+    x, y = blocks.get(0)
+    mask = store.mask("train")
+    assert (y == IGNORE).any() and (y != IGNORE).any()
+    model = torch.nn.Module()
+    logits = torch.randn(*x.shape, 600)
+    model.forward = lambda input_ids, use_cache: type("Out", (), {"logits": logits})()
+    keep = y != IGNORE
+    expected = torch.nn.functional.cross_entropy(logits[keep], y[keep])
+    assert torch.allclose(lm_loss(model, x, y), expected)
+    assert mask.sum() < len(mask)
+
+
+def test_blocks_are_a_pure_function_of_seed_and_index_and_ranks_split_batches():
+    tokens = torch.arange(1000).numpy().astype("uint16")
+    one = Blocks(tokens, None, 10, 4, seed=3)
+    halves = [Blocks(tokens, None, 10, 2, seed=3, rank=r, world=2) for r in (0, 1)]
+    for i in (0, 5, one.per_epoch + 1):
+        x, y = one.get(i)
+        assert torch.equal(x, Blocks(tokens, None, 10, 4, seed=3).get(i)[0])
+        assert torch.equal(x, torch.cat([h.get(i)[0] for h in halves]))
+        assert torch.equal(y[:, :-1], x[:, 1:])
+
+
+def test_out_dir_guards(tmp_path, stories_txt):
+    out = tmp_path / "run"
+    train(tiny_config(stories_txt, out, max_steps=2), **quiet)
+    with pytest.raises(PenwrightError, match="already holds a run: add --resume .* or --overwrite"):
+        train(tiny_config(stories_txt, out, max_steps=2), **quiet)
+    with pytest.raises(PenwrightError, match="holds a different run \\(--seed was 1\\)"):
+        train(tiny_config(stories_txt, out, max_steps=2, seed=2, resume=True), **quiet)
+    train(tiny_config(stories_txt, out, max_steps=2, seed=2, overwrite=True), **quiet)
+    assert json.loads((out / "penwright.json").read_text())["config"]["seed"] == 2
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(PenwrightError, match="not a penwright run; refusing to delete"):
+        train(tiny_config(stories_txt, tmp_path / "other", overwrite=True), **quiet)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_corpus_shorter_than_a_block_says_what_would_fit(tmp_path):
+    (tmp_path / "short.txt").write_text("A few words only, not nearly enough for one block of text here.")
+    with pytest.raises(PenwrightError, match=r"training split has \d+ tokens, fewer than one block of 256\+1; "
+                                             r"use --block-size \d+ or less"):
+        train(tiny_config(tmp_path / "short.txt", tmp_path / "run", block_size=256, val_fraction=0), **quiet)
