@@ -6,9 +6,11 @@ project's own sample data, tokenizers are trained on them, models are built from
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,28 @@ def tiny_run(tmp_path_factory, stories_csv) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     return train(tiny_config(stories_csv, out, text_column="synopsis", label_column="genre", max_steps=60),
                  log=lambda *_: None)
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Run an ASGI app with uvicorn on a free loopback port in a background thread; yield its URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()

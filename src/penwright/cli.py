@@ -15,7 +15,7 @@ import typing
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-from .config import GenerateConfig, PrepareConfig, TrainConfig
+from .config import GenerateConfig, PrepareConfig, ServeConfig, TrainConfig
 from .errors import PenwrightError
 
 EXAMPLES = {
@@ -33,6 +33,10 @@ EXAMPLES = {
   penwright generate --model runs/book --prompt-file prompts.txt --output samples.jsonl""",
     "interactive": """examples:
   penwright interactive --model runs/book --temperature 0.7 --top-p 0.9""",
+    "serve": """examples:
+  penwright serve --model runs/book                      # page at http://127.0.0.1:8000/, API at /v1
+  penwright serve --model runs/book --model lyrics=runs/lyrics --port 8080
+  PENWRIGHT_API_KEY=secret penwright serve --model runs/book --host 0.0.0.0""",
 }
 
 
@@ -76,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", GenerateConfig, "write samples with a trained model", ()),
         ("interactive", GenerateConfig, "a prompt loop: type a prompt, read the continuation",
          ("prompt", "prompt_file", "output")),
+        ("serve", ServeConfig, "serve models over an OpenAI-compatible HTTP API and a web page", ()),
     ):
         sub = commands.add_parser(name, help=summary, description=summary, epilog=EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -196,7 +201,14 @@ def cmd_interactive(cfg: GenerateConfig) -> None:
             _stream(writer, prompt, sampling)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "interactive": cmd_interactive}
+def cmd_serve(cfg: ServeConfig) -> None:
+    from .serve import serve
+
+    serve(cfg, log=warn)
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "interactive": cmd_interactive,
+            "serve": cmd_serve}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,6 +7,8 @@ library, the CLI and the server accept and refuse exactly the same values.
 from __future__ import annotations
 
 import math
+import os
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -167,3 +169,46 @@ class GenerateConfig(SampleConfig):
     def sampling(self) -> SampleConfig:
         names = SampleConfig.__dataclass_fields__
         return SampleConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class ServeConfig:
+    """`penwright serve`: models behind an OpenAI-compatible API and a web page."""
+
+    model: list[str] = opt([], "run directory to serve, as PATH or NAME=PATH (repeatable)", action="append")
+    host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to your network)")
+    port: int = opt(8000, "TCP port to listen on")
+    api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' (default: $PENWRIGHT_API_KEY if set)")
+    max_prompt_tokens: int = opt(1024, "refuse prompts longer than this many tokens")
+    max_tokens_cap: int = opt(512, "refuse requests for more new tokens than this")
+    max_body_bytes: int = opt(1_000_000, "refuse request bodies larger than this")
+    timeout: float = opt(120.0, "seconds a request may wait and run before it is abandoned")
+    batch_size: int = opt(8, "queued requests with the same settings generated together")
+    precision: str = opt("auto", "auto, fp32, bf16 or fp16 (CUDA only)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self):
+        if self.api_key is None:
+            self.api_key = os.environ.get("PENWRIGHT_API_KEY") or None
+        _check(self.api_key != "", "--api-key must not be empty")
+        _check(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
+        for name in ("max_prompt_tokens", "max_tokens_cap", "max_body_bytes", "batch_size"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        _check(math.isfinite(self.timeout) and self.timeout > 0, f"--timeout must be positive, got {self.timeout}")
+        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        self.models()  # refuses clashing names now rather than at start-up
+
+    def models(self) -> dict[str, str]:
+        """Model name -> path. A name is NAME from NAME=PATH, else the folder's own name."""
+        out = {}
+        for spec in self.model:
+            name, sep, path = spec.partition("=")
+            if not (sep and MODEL_NAME.match(name)):
+                name, path = os.path.basename(os.path.normpath(spec)), spec
+            _check(bool(path), f"--model {spec!r}: give a path after the '='")
+            _check(name not in out, f"two --model flags are both named {name!r}: name them with --model NAME=PATH")
+            out[name] = path
+        return out

@@ -8,7 +8,7 @@ the new tokens, so batch generation, streaming and the server share the same cod
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
 
 import torch
@@ -72,13 +72,16 @@ class Writer:
                 out.append(Sample(p, text, cfg.label, "stop" if stopped else reason, len(tokens)))
         return out
 
-    def stream(self, prompt: str | None = None, cfg: SampleConfig | None = None, **settings) -> Iterator[str]:
-        """Yield one sample's text piece by piece as it is written."""
+    def stream(self, prompt: str | None = None, cfg: SampleConfig | None = None,
+               **settings) -> Generator[str, None, str]:
+        """Yield one sample's text piece by piece as it is written; return why it ended ("stop" or "length")."""
         cfg = cfg or SampleConfig(**settings)
         ids, budget = self._prompt_ids(prompt, cfg)
-        tokens, sent = [], 0
+        tokens, sent, reason = [], 0, "length"
         for step in self._decode([ids], replace(cfg, max_new_tokens=budget), self._generator(cfg.seed)):
-            if step[0] is not None:
+            if step[0] is None:
+                reason = "stop"  # end of text
+            else:
                 tokens.append(step[0])
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             safe, stopped = finish(text, cfg, final=False)
@@ -86,10 +89,11 @@ class Writer:
                 yield safe[sent:]
                 sent = len(safe)
             if stopped:
-                return
-        final, _ = finish(self.tokenizer.decode(tokens, skip_special_tokens=True), cfg)
+                return "stop"
+        final, stopped = finish(self.tokenizer.decode(tokens, skip_special_tokens=True), cfg)
         if len(final) > sent:
             yield final[sent:]
+        return "stop" if stopped else reason
 
     # --- internals --------------------------------------------------------------------------
 

@@ -1,0 +1,17 @@
+"""`penwright serve`: run dirs behind an OpenAI-compatible HTTP API and a web page to write with."""
+
+from __future__ import annotations
+
+from ..config import ServeConfig
+from .app import create_app, load_writers
+
+__all__ = ["ServeConfig", "create_app", "load_writers", "serve"]
+
+
+def serve(cfg: ServeConfig, log=print) -> None:
+    """Load the models and answer requests until interrupted."""
+    import uvicorn
+
+    app = create_app(cfg, log=log)
+    log(f"serving {', '.join(cfg.models())} at http://{cfg.host}:{cfg.port}/ (API under /v1)")
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -1,0 +1,249 @@
+"""The HTTP server: an OpenAI-compatible API under /v1, a health check, and the web page at /.
+
+    app = create_app(ServeConfig(model=["runs/book"]))     # or create_app(cfg, {"book": writer})
+
+Every error is OpenAI's shape, {"error": {"message", "type", "param", "code"}}, with a fitting status.
+Model names from requests are only ever keys of the dict of loaded models, never paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+
+from ..config import SampleConfig, ServeConfig
+from ..errors import PenwrightError
+from ..generate import Writer, load
+from .requests import ChatRequest, CompletionRequest, Sampling
+from .worker import Job, Worker
+
+STATIC = Path(__file__).parent / "static"
+MAX_SAMPLES = 64  # prompts x n in one request; more is a denial of service, not a use
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
+    if not cfg.model:
+        raise PenwrightError("no model given: pass --model runs/NAME (repeatable; --model NAME=PATH names it)")
+    return {name: load(path, cfg.precision, cfg.device, log=log) for name, path in cfg.models().items()}
+
+
+def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=print) -> FastAPI:
+    writers = load_writers(cfg, log) if writers is None else writers
+    workers = {name: Worker(name, writer, cfg.batch_size) for name, writer in writers.items()}
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        for worker in workers.values():
+            worker.close()
+
+    app = FastAPI(title="penwright", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(PenwrightError)
+    async def user_error(request, e: PenwrightError):
+        return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def bug(request, e: Exception):
+        return JSONResponse(ApiError(500, f"internal error: {e}", kind="server_error").body(), status_code=500)
+
+    async def authorize(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        given = request.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {cfg.api_key}".encode()):  # constant time
+            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
+                           code="invalid_api_key")
+
+    async def parse(request: Request, schema: type[Sampling]) -> Sampling:
+        """The JSON body as `schema`, refusing bodies over --max-body-bytes before reading them all."""
+        too_big = ApiError(413, f"the request body is larger than {cfg.max_body_bytes} bytes (--max-body-bytes)")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > cfg.max_body_bytes:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > cfg.max_body_bytes:
+                raise too_big
+        try:
+            data = json.loads(body)
+        except ValueError:
+            raise ApiError(400, "the request body is not valid JSON") from None
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            param = ".".join(map(str, first["loc"])) or None
+            raise ApiError(400, f"{param or 'the request body'}: {first['msg']}", param=param) from None
+
+    def pick(name: str | None) -> tuple[str, Writer]:
+        if name is None and len(writers) == 1:
+            name = next(iter(writers))
+        if name not in writers:
+            known = ", ".join(writers)
+            if name is None:
+                raise ApiError(400, f"model is required: one of {known}", param="model")
+            raise ApiError(404, f"the model {name!r} does not exist; this server has: {known}",
+                           param="model", code="model_not_found")
+        return name, writers[name]
+
+    def settings(request: Sampling, writer: Writer, prompts: list[str | None]) -> SampleConfig:
+        """Check the request against the server's limits and return its sampling settings."""
+        sampling = request.sampling(cfg.batch_size)
+        if sampling.max_new_tokens > cfg.max_tokens_cap:
+            raise ApiError(400, f"max_tokens is {sampling.max_new_tokens}; this server writes at most "
+                                f"{cfg.max_tokens_cap} (--max-tokens-cap)", param="max_tokens")
+        if len(prompts) * sampling.num_samples > MAX_SAMPLES:
+            raise ApiError(400, f"prompts x n is more than {MAX_SAMPLES}; split the request", param="n")
+        if sampling.label is not None and sampling.label not in writer.labels:
+            known = ", ".join(sorted(writer.labels)) or "none"
+            raise ApiError(400, f"unknown label {sampling.label!r}; this model knows: {known}", param="label")
+        room = min(cfg.max_prompt_tokens, writer.context - 2)  # 2: the leading EOS and one new token
+        for prompt in prompts:
+            if (size := count_tokens(writer, prompt)) > room:
+                raise ApiError(400, f"the prompt is {size} tokens; this server takes at most {room}",
+                               param="prompt", code="context_length_exceeded")
+        return sampling
+
+    async def events(job: Job, deadline: float):
+        """The job's events until it finishes; leaving early (client gone, timeout) cancels it."""
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
+                except TimeoutError:
+                    raise ApiError(504, f"the request took longer than {cfg.timeout:g} s (--timeout)",
+                                   code="timeout", kind="timeout") from None
+                if event[0] == "error":
+                    raise event[1]
+                yield event
+                if event[0] in ("samples", "done"):
+                    return
+        finally:
+            job.cancelled = True
+
+    async def answer(request: Sampling, name: str, writer: Writer, prompts: list[str | None],
+                     chat: bool, echo: bool = False):
+        """Run a checked request and reply in OpenAI's shape, whole or as server-sent events."""
+        sampling = settings(request, writer, prompts)
+        deadline = time.monotonic() + cfg.timeout
+        job = workers[name].submit(prompts, sampling, request.stream)
+        head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "created": int(time.time()),
+                "model": name}
+        shown = [(p or "") if echo else "" for p in prompts for _ in range(sampling.num_samples)]
+        if request.stream:
+            kind = "chat.completion.chunk" if chat else "text_completion"
+
+            def sse(index: int, text: str, reason: str | None = None, start: bool = False) -> str:
+                body = {**head, "object": kind, "choices": [choice(chat, index, text, reason, delta=True, start=start)]}
+                return f"data: {json.dumps(body)}\n\n"
+
+            async def stream():
+                try:
+                    for index, text in enumerate(shown):
+                        if chat or text:
+                            yield sse(index, text, start=True)
+                    async for event in events(job, deadline):
+                        if event[0] == "text":
+                            yield sse(event[1], event[2])
+                        elif event[0] == "end":
+                            yield sse(event[1], "", event[2])
+                except (ApiError, PenwrightError) as e:
+                    error = e if isinstance(e, ApiError) else ApiError(400, str(e))
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                finally:
+                    job.cancelled = True  # also when the client hung up while we were sending
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(stream(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        samples = [event[1] async for event in events(job, deadline)][0]
+        prompt_tokens = sum(count_tokens(writer, p) for p in prompts)
+        completion_tokens = sum(s.new_tokens for s in samples)
+        return {**head, "object": "chat.completion" if chat else "text_completion",
+                "choices": [choice(chat, i, shown[i] + s.text, s.finish_reason) for i, s in enumerate(samples)],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": started, "owned_by": "penwright",
+             "labels": sorted(writer.labels), "chat": bool(writer.tokenizer.chat_template),
+             "context_length": writer.context} for name, writer in writers.items()]}
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        body = await parse(request, CompletionRequest)
+        name, writer = pick(body.model)
+        return await answer(body, name, writer, body.prompts(), chat=False, echo=body.echo)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        body = await parse(request, ChatRequest)
+        name, writer = pick(body.model)
+        if not writer.tokenizer.chat_template:
+            raise ApiError(400, f"the model {name!r} has no chat template, so it cannot chat; "
+                                "use /v1/completions with a prompt instead", param="model", code="chat_not_supported")
+        try:
+            prompt = writer.tokenizer.apply_chat_template([m.model_dump() for m in body.messages],
+                                                          tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 (a template may refuse these messages, e.g. roles out of order)
+            raise ApiError(400, f"messages: the model's chat template refused them ({e})", param="messages") from None
+        return await answer(body, name, writer, [prompt], chat=True)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": {name: {"queued": w.queued} for name, w in workers.items()},
+                "auth": cfg.api_key is not None,
+                "limits": {"max_tokens_cap": cfg.max_tokens_cap, "max_prompt_tokens": cfg.max_prompt_tokens}}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def choice(chat: bool, index: int, text: str, reason: str | None, delta: bool = False, start: bool = False) -> dict:
+    """One entry of `choices`: text for completions; a message (or, streaming, a delta) for chat."""
+    if not chat:
+        return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+    content = {"role": "assistant", "content": text} if start or not delta else {"content": text}
+    return {"index": index, "delta" if delta else "message": content, "logprobs": None, "finish_reason": reason}
+
+
+def count_tokens(writer: Writer, text: str | None) -> int:
+    # The Rust tokenizer only reads its state here, so the event loop may use it beside the worker.
+    return len(writer.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids) if text else 0
