@@ -29,5 +29,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The long crash test: 20 SIGKILLs at random moments, each followed by --resume.
+soak: $(STAMP)
+	$(PY) -m pytest -q -s -m soak tests/test_crash.py
+
 clean:
 	rm -rf $(VENV) runs .cache

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import files
+from .errors import PenwrightError
 from .models import save_model
 
 STATE_FILE = "trainer_state.pt"
@@ -38,11 +39,21 @@ def save(run_dir: Path, step: int, model, tokenizer, state: dict, keep: int) -> 
     files.remove(tmp)
     try:
         save_model(model, tokenizer, tmp)
-        torch.save(state, tmp / STATE_FILE)
+        with open(tmp / STATE_FILE, "wb") as f:  # a file object keeps a full disk's OSError visible
+            torch.save(state, f)
         files.write_text(tmp / MANIFEST, json.dumps({"step": step, "files": _describe(tmp)}, indent=1))
         files.fsync_tree(tmp)
         files.remove(final)  # a stale copy of the same step (from a run that was resumed earlier)
         os.rename(tmp, final)
+    except Exception as e:
+        if not files.disk_full(e):
+            raise
+        previous = next(iter(complete(run_dir)), None)
+        raise PenwrightError(
+            f"disk full while saving checkpoint {final}: free space on that disk (or keep fewer with "
+            f"--keep-checkpoints 1), then continue with --resume; "
+            + (f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists")
+        ) from None
     finally:
         files.remove(tmp)
     _prune(root, keep)
@@ -84,7 +95,11 @@ def complete(run_dir: Path) -> list[Path]:
 
 
 def latest(run_dir: Path, log=print) -> Path | None:
-    """The newest checkpoint whose manifest verifies; damaged ones are reported and skipped."""
+    """The newest checkpoint whose manifest verifies; damaged ones are reported and skipped.
+
+    Temporary folders that dead processes left mid-save are removed on the way.
+    """
+    _remove_stale(checkpoint_dir(run_dir))
     for path in complete(run_dir):
         if verify(path):
             return path
@@ -99,6 +114,10 @@ def load_state(path: Path) -> dict:
 def _prune(root: Path, keep: int) -> None:
     for old in complete(root.parent)[keep:]:
         files.remove(old)
+    _remove_stale(root)
+
+
+def _remove_stale(root: Path) -> None:
     for stale in root.glob(".tmp-step-*"):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):

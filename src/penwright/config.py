@@ -85,6 +85,7 @@ class TrainConfig(PrepareConfig):
     warmup_steps: int | None = opt(None, "linear warm-up steps (default: 5%% of steps, at most 100)")
     weight_decay: float = opt(0.01, "AdamW weight decay on matrices")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0 turns it off)")
+    max_bad_steps: int = opt(10, "steps with a non-finite loss or gradient to skip before training stops")
     max_steps: int | None = opt(None, "optimizer steps to run (default: --epochs)")
     epochs: float | None = opt(None, "passes over the training split (default 1 when --max-steps is unset)")
     precision: str = opt("auto", "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA only)")
@@ -105,7 +106,7 @@ class TrainConfig(PrepareConfig):
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every", "sample_length", "eval_batches"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "sample_every", "save_every", "weight_decay", "grad_clip"):
+        for name in ("eval_every", "sample_every", "save_every", "weight_decay", "grad_clip", "max_bad_steps"):
             _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         _check(self.block_size is None or self.block_size >= 8, f"--block-size must be at least 8, got {self.block_size}")
         _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -55,3 +56,20 @@ def fsync_tree(path: Path) -> None:
 
 def remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """True when `error`, or an error it was raised from or during, is a full disk or quota.
+
+    Libraries wrap the OSError: safetensors keeps only its text, torch.save raises a
+    RuntimeError whose context is the OSError.
+    """
+    signs = [os.strerror(code) for code in DISK_FULL] + [f"os error {code}" for code in DISK_FULL]
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in DISK_FULL or any(s in str(error) for s in signs):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -39,7 +39,8 @@ class RunDir:
         run = cls(Path(cfg.out))
         if run.path.exists() and not run.path.is_dir():
             raise PenwrightError(f"--out {run.path} is a file; give a folder")
-        if run.path.is_dir() and any(run.path.iterdir()):
+        # Hidden names are temporary files of an atomic write a crash cut short: they do not count.
+        if run.path.is_dir() and any(not p.name.startswith(".") for p in run.path.iterdir()):
             previous = run.read_config()
             if cfg.overwrite:
                 if previous is None and not (run.path / "config.json").is_file():

@@ -142,6 +142,56 @@ class StopFlag:
             signal.signal(s, handler)
 
 
+class FiniteGuard:
+    """Skips optimizer steps whose loss or gradient norm is not finite; stops after too many.
+
+    The decision stays on the device (fused AdamW reads `found_inf` and skips its update, as it
+    does for GradScaler), so the loop gains no host sync; `check` reads the count at log and save
+    time, where the loop syncs anyway.
+    """
+
+    def __init__(self, limit: int, device: torch.device):
+        self.limit = limit
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.first = torch.zeros((), dtype=torch.int64, device=device)  # first skipped step, 0: none
+
+    def step(self, optimizer, loss: torch.Tensor, norm: torch.Tensor, step: int) -> torch.Tensor:
+        """`optimizer.step()` unless `loss` or `norm` is not finite; returns whether it skipped."""
+        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = bad.float()
+            optimizer.step()
+        elif not bad.item():  # an unfused optimizer needs the answer on the host
+            optimizer.step()
+        self.skipped += bad
+        self.first = torch.where(bad & (self.first == 0), step, self.first)
+        return bad
+
+    def check(self, step: int, last_checkpoint: Path | None) -> None:
+        skipped = int(self.skipped)
+        if skipped > self.limit:
+            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+            raise PenwrightError(
+                f"training stopped at step {step}: {skipped} steps had a non-finite loss or gradient (the first at "
+                f"step {int(self.first)}), more than --max-bad-steps {self.limit}; {kept}. Try a lower --lr or "
+                "--precision fp32, or look for broken text in the corpus")
+
+
+@contextmanager
+def memory_hint(cfg: TrainConfig):
+    """Running out of GPU or host memory becomes advice instead of a traceback."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not any(
+                sign in str(e) for sign in ("out of memory", "can't allocate memory")):
+            raise
+        smaller = (f"--batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2} keeps the same "
+                   "effective batch" if cfg.batch_size > 1 else "try a smaller --block-size or model")
+        raise PenwrightError(f"out of memory with --batch-size {cfg.batch_size} and --block-size {cfg.block_size}: "
+                             f"use a smaller batch with more accumulation ({smaller}); continue with --resume") from None
+
+
 def train(cfg: TrainConfig, log=print) -> Path:
     """Fine-tune (or train from scratch) as `cfg` says; returns the run directory."""
     from tqdm.auto import tqdm
@@ -198,38 +248,52 @@ def train(cfg: TrainConfig, log=print) -> Path:
     else:
         before = next((r["val_loss"] for r in run.metrics() if r.get("step") == 0 and "val_loss" in r), float("nan"))
 
+    guard, last_saved, start = FiniteGuard(cfg.max_bad_steps, device), resume_from, step
+
     def save(at_step: int) -> Path:
+        nonlocal last_saved
+        guard.check(at_step, last_saved)  # never checkpoint a run past its limit of skipped steps
         state = {"step": at_step, "optimizer": optimizer.state_dict(),
                  "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}}
-        return checkpoint.save(run.path, at_step, model, tokenizer, state, cfg.keep_checkpoints)
+        last_saved = checkpoint.save(run.path, at_step, model, tokenizer, state, cfg.keep_checkpoints)
+        return last_saved
 
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc="training",
                mininterval=0.5 if sys.stderr.isatty() else 30)
     running, timer, counted = torch.zeros((), device=device), time.perf_counter(), 0
-    with StopFlag() as stop:
+    good = torch.zeros((), device=device)  # steps in this log window that were not skipped
+    with StopFlag() as stop, memory_hint(cfg):
         while step < total:
             lr = lr_at(step, cfg.peak_lr, warmup, total, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            step_loss = 0
             for micro in range(cfg.grad_accum):
                 x, y = blocks.get(step * cfg.grad_accum + micro)
                 with autocast(device, dtype):
                     loss = lm_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                 (loss / cfg.grad_accum).backward()
-                running += loss.detach()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+                step_loss = step_loss + loss.detach()
+            # With --grad-clip 0 an infinite limit only measures the norm, which the guard needs.
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            bad = guard.step(optimizer, step_loss, norm, step + 1)
+            running += torch.where(bad, 0.0, step_loss)
+            good += ~bad
             optimizer.zero_grad(set_to_none=True)
             step += 1
             counted += 1
             bar.update(1)
             if step % cfg.log_every == 0 or step == total or stop.raised:
-                mean = running.item() / (counted * cfg.grad_accum)  # the only host sync in the loop
+                loss_sum, good_steps = torch.stack([running, good]).tolist()  # the loop's host sync
+                mean = loss_sum / (good_steps * cfg.grad_accum) if good_steps else float("nan")
                 speed = counted * tokens_per_step / (time.perf_counter() - timer)
-                run.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": speed, "tokens": step * tokens_per_step})
+                skipped = {"skipped_steps": counted - int(good_steps)} if good_steps < counted else {}
+                run.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": speed, "tokens": step * tokens_per_step,
+                         **skipped})
                 bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}")
+                guard.check(step, last_saved)
                 running.zero_()
+                good.zero_()
                 timer, counted = time.perf_counter(), 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 val = evaluator.loss(model, cfg.eval_batches)
@@ -248,7 +312,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
                 save(step)
     bar.close()
-    save(step)
+    if step > start:  # a run resumed at its last step has that checkpoint already
+        save(step)
     return _finish(run, settings, block_size, model, tokenizer, store, evaluator, writer, sampling, before, log)
 
 
