@@ -30,15 +30,15 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def save(run_dir: Path, step: int, model, tokenizer, state: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep`."""
+def save(run_dir: Path, step: int, model, tokenizer, state: dict, keep: int, weights: dict | None = None) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep` (`weights`: a gathered FSDP state dict)."""
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     files.remove(tmp)
     try:
-        save_model(model, tokenizer, tmp)
+        save_model(model, tokenizer, tmp, weights)
         with open(tmp / STATE_FILE, "wb") as f:  # a file object keeps a full disk's OSError visible
             torch.save(state, f)
         files.write_text(tmp / MANIFEST, json.dumps({"step": step, "files": _describe(tmp)}, indent=1))

@@ -15,7 +15,7 @@ import typing
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-from .config import GenerateConfig, PrepareConfig, ServeConfig, TrainConfig
+from .config import ExportConfig, GenerateConfig, PrepareConfig, ServeConfig, TrainConfig
 from .errors import PenwrightError
 
 EXAMPLES = {
@@ -26,13 +26,19 @@ EXAMPLES = {
   penwright train --data book.txt --model gpt2 --out runs/book --max-steps 2000
   penwright train --data plots.csv --text-column plot --label-column genre --model distilgpt2 --out runs/plots
   penwright train --data lyrics/ --init scratch --preset tiny --out runs/lyrics --epochs 5
-  penwright train --data book.txt --model gpt2 --out runs/book --max-steps 4000 --resume""",
+  penwright train --data book.txt --model gpt2 --out runs/book --max-steps 4000 --resume
+  penwright train --data book.txt --model gpt2-xl --out runs/book-xl --nproc 4 --batch-size 4     # 4 GPUs, DDP
+  penwright train --data book.txt --model gpt2-xl --out runs/book-lora --lora r=16,alpha=32,dropout=0.05
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m penwright train --data book.txt --model gpt2-xl --out runs/book-xl --fsdp     # see docs/distributed.md""",
     "generate": """examples:
   penwright generate --model runs/book --prompt "Malfoy hadn't noticed anything." --seed 1
   penwright generate --model runs/plots --label horror --num-samples 3 --trim-to-sentence
   penwright generate --model runs/book --prompt-file prompts.txt --output samples.jsonl""",
     "interactive": """examples:
   penwright interactive --model runs/book --temperature 0.7 --top-p 0.9""",
+    "export": """examples:
+  penwright export --merge runs/book-lora --out models/book-merged     # a LoRA run as a plain HF model""",
     "serve": """examples:
   penwright serve --model runs/book                      # page at http://127.0.0.1:8000/, API at /v1
   penwright serve --model runs/book --model lyrics=runs/lyrics --port 8080
@@ -81,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("interactive", GenerateConfig, "a prompt loop: type a prompt, read the continuation",
          ("prompt", "prompt_file", "output")),
         ("serve", ServeConfig, "serve models over an OpenAI-compatible HTTP API and a web page", ()),
+        ("export", ExportConfig, "write a LoRA run's adapter merged into its base model as a plain HF model", ()),
     ):
         sub = commands.add_parser(name, help=summary, description=summary, epilog=EXAMPLES[name],
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,10 +129,30 @@ def cmd_prepare(cfg: PrepareConfig) -> None:
     print(f"{'cache':>16}: {store.path}")
 
 
-def cmd_train(cfg: TrainConfig) -> None:
+def cmd_train(cfg: TrainConfig) -> int | None:
+    if cfg.nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet under torchrun: become it
+        from .distributed import launch
+
+        return launch(cfg.nproc, ["train", *as_flags(cfg, skip=("nproc",))])
     from .training import train
 
     train(cfg, log=warn)
+
+
+def as_flags(config, skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line flags that rebuild `config` (the inverse of add_config_flags)."""
+    argv = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if f.name in skip or value == default:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        else:
+            argv += [x for item in (value if isinstance(value, list) else [value]) for x in (flag, str(item))]
+    return argv
 
 
 def _writer(cfg: GenerateConfig):
@@ -207,8 +234,15 @@ def cmd_serve(cfg: ServeConfig) -> None:
     serve(cfg, log=warn)
 
 
+def cmd_export(cfg: ExportConfig) -> None:
+    from .lora import export_merged
+
+    export_merged(cfg.merge, cfg.out, log=warn)
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "interactive": cmd_interactive,
-            "serve": cmd_serve}
+            "serve": cmd_serve,
+            "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -80,7 +80,7 @@ class TrainConfig(PrepareConfig):
     block_size: int | None = opt(None, "tokens per training sequence (default: min(model context, 512))")
     batch_size: int = opt(8, "sequences per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
-    lr: float | None = opt(None, "peak learning rate (default 5e-5 fine-tuning, 1e-3 from scratch)")
+    lr: float | None = opt(None, "peak learning rate (default 5e-5 fine-tuning, 2e-4 with --lora, 1e-3 from scratch)")
     min_lr_ratio: float = opt(0.1, "cosine decay ends at lr * this")
     warmup_steps: int | None = opt(None, "linear warm-up steps (default: 5%% of steps, at most 100)")
     weight_decay: float = opt(0.01, "AdamW weight decay on matrices")
@@ -100,6 +100,11 @@ class TrainConfig(PrepareConfig):
     log_every: int = opt(10, "steps between progress-bar and metrics.jsonl updates")
     compile: bool = opt(False, "compile the model with torch.compile")
     threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores)")
+    nproc: int = opt(1, "processes to train with on this machine, one per GPU (launches torchrun)")
+    fsdp: bool = opt(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2) "
+                            "instead of replicating them (DDP)")
+    lora: str | None = opt(None, "train low-rank adapters instead of every weight, e.g. r=16,alpha=32,dropout=0.05"
+                                 "[,targets=c_attn,c_proj]")
 
     def __post_init__(self):
         super().__post_init__()
@@ -113,12 +118,23 @@ class TrainConfig(PrepareConfig):
         _check(self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         _check(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be positive, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.nproc >= 1, f"--nproc must be at least 1, got {self.nproc}")
+        if self.lora is not None:
+            from .lora import parse
+
+            parse(self.lora)
+            _check(self.init == "pretrained", "--lora adapts a pretrained model; drop --init scratch")
+            _check(self.label_column is None, "--lora cannot learn the new control tokens of --label-column; "
+                                              "train every weight for labelled corpora")
+            _check(not self.fsdp, "--lora with --fsdp is not supported; LoRA's frozen base fits where DDP does")
 
     @property
     def peak_lr(self) -> float:
         if self.lr is not None:
             return self.lr
-        return 1e-3 if self.init == "scratch" else 5e-5
+        if self.init == "scratch":
+            return 1e-3
+        return 2e-4 if self.lora else 5e-5
 
 
 @dataclass
@@ -213,3 +229,15 @@ class ServeConfig:
             _check(name not in out, f"two --model flags are both named {name!r}: name them with --model NAME=PATH")
             out[name] = path
         return out
+
+
+@dataclass
+class ExportConfig:
+    """`penwright export`: turn a run into something else; today, a LoRA run into a plain HF model."""
+
+    merge: str | None = opt(None, "LoRA run directory whose adapter to fold into its base model")
+    out: str | None = opt(None, "new folder to write the merged HF model to")
+
+    def __post_init__(self):
+        _check(self.merge is not None, "nothing to export: pass --merge runs/NAME (a run trained with --lora)")
+        _check(self.out is not None, "no output folder given: pass --out DIR")

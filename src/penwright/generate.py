@@ -222,13 +222,17 @@ def finish(text: str, cfg: SampleConfig, final: bool = True) -> tuple[str, bool]
 
 
 def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle: bool = False, log=print) -> Writer:
-    """Load a run dir (or any HF model dir, hub id or .gguf) for writing."""
+    """Load a run dir (or any HF model dir, hub id or .gguf) for writing; a LoRA run is merged into its base."""
+    from . import lora
     from .models import load_model, pick_device, pick_dtype
     from .tokens import load_tokenizer
 
     target = pick_device(device)
     dtype = pick_dtype(precision, target)
     tokenizer = load_tokenizer(spec)
-    model = load_model(spec, allow_pickle=allow_pickle, dtype=dtype).to(target)
+    if lora.is_adapter(spec):
+        model = lora.merged(spec, tokenizer, dtype, allow_pickle).to(target)
+    else:
+        model = load_model(spec, allow_pickle=allow_pickle, dtype=dtype).to(target)
     return Writer(model, tokenizer, log=log)
 

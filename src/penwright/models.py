@@ -75,9 +75,11 @@ def context_length(model) -> int:
     return 2048
 
 
-def save_model(model, tokenizer, path: Path) -> None:
-    """Write an HF-format model directory (safetensors, config, tokenizer, generation config)."""
-    model.save_pretrained(path, safe_serialization=True)
+def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
+    """Write an HF-format model directory (safetensors, config, tokenizer, generation config).
+
+    `state_dict` replaces the model's own weights (FSDP gathers them into one for rank 0)."""
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint
+from . import checkpoint, distributed, lora
 from .config import SampleConfig, TrainConfig
 from .errors import PenwrightError
 from .generate import Writer
@@ -193,58 +193,88 @@ def memory_hint(cfg: TrainConfig):
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
-    """Fine-tune (or train from scratch) as `cfg` says; returns the run directory."""
+    """Fine-tune (or train from scratch) as `cfg` says; returns the run directory.
+
+    Under torchrun every process calls this and trains on its share of each batch (distributed.py).
+    """
+    ranks, device = distributed.setup(pick_device(cfg.device))
+    try:
+        return _train(cfg, ranks, device, log if ranks.main else _quiet)
+    except PenwrightError:
+        if ranks.main:
+            raise
+        raise SystemExit(2) from None  # every rank met the same problem; rank 0 alone reports it
+    finally:
+        distributed.teardown()
+
+
+def _quiet(*_) -> None:
+    """The log of ranks other than 0."""
+
+
+def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log) -> Path:
     from tqdm.auto import tqdm
 
-    run = RunDir.claim(cfg)
+    with distributed.main_first(ranks):  # rank 0 claims the run dir and fills the token cache first
+        run = RunDir.claim(cfg) if ranks.main else RunDir(Path(cfg.out))
+        store = prepare(cfg, log)
+    # Rank 0 alone verifies the checkpoints' checksums.
+    resume_from = distributed.share(checkpoint.latest(run.path, log) if cfg.resume and ranks.main else None, ranks)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.precision, device)
-    store = prepare(cfg, log)
     tokenizer = store.tokenizer()
 
-    resume_from = checkpoint.latest(run.path, log) if cfg.resume else None
-    torch.manual_seed(cfg.seed)
-    if resume_from:
+    torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same dropout stream
+    if resume_from and not cfg.lora:  # a LoRA checkpoint holds only the adapter
         model = load_model(str(resume_from))
     elif cfg.init == "scratch":
         model = scratch_model(cfg.preset, tokenizer)
     else:
         model = load_model(cfg.model, cfg.allow_pickle, cfg.trust_remote_code)
     fit_tokenizer(model, tokenizer)
+    if cfg.lora:
+        model = lora.attach(model, cfg.lora, cfg.model, adapter=resume_from)
     block_size = cfg.block_size or min(context_length(model), 512)
     if block_size > context_length(model):
         raise PenwrightError(f"--block-size {block_size} exceeds the model's context of {context_length(model)} tokens")
     settings, cfg = cfg, replace(cfg, block_size=block_size)
-    blocks = _training_blocks(store, cfg)
+    blocks = _training_blocks(store, cfg, ranks.rank, ranks.world)
     total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks.per_epoch / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, total // 20)
 
     model.to(device).train()
+    net = distributed.wrap(model, ranks, device, cfg.fsdp)  # what the training step runs: DDP, FSDP or the model
+    sharded = cfg.fsdp and ranks.world > 1
+    if cfg.fsdp and not sharded:
+        log("--fsdp: a single process has nothing to shard with; training unsharded (start with torchrun or --nproc)")
     optimizer = make_optimizer(model, cfg, device)
     step = 0
     if resume_from:
         state = checkpoint.load_state(resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer(model, optimizer, state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
         step = state["step"]
-        run.forget_after(step)
+        if ranks.main:
+            run.forget_after(step)
         log(f"resuming from {resume_from} (step {step})")
     elif cfg.resume:
         log("no checkpoint to resume from; starting a new run")
-    run.write_info(settings, stats=store.stats, block_size=block_size, total_steps=total)
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * block_size * ranks.world
+    if ranks.main:
+        run.write_info(settings, stats=store.stats, block_size=block_size, total_steps=total, processes=ranks.world,
+                       tokens_per_step=tokens_per_step)
     evaluator = Evaluator.over(store, block_size, dtype)
     writer = Writer(model, tokenizer, autocast=dtype if dtype != torch.float32 else None, log=log)
     sampling = SampleConfig(max_new_tokens=cfg.sample_length, seed=cfg.seed)
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * block_size
-    _announce(log, store, cfg, total, tokens_per_step, device, dtype)
+    _announce(log, store, cfg, total, tokens_per_step, device, dtype, ranks.world)
 
     if step == 0:
-        before = evaluator.loss(model, cfg.eval_batches)
-        run.log({"step": 0, "val_loss": before, "val_ppl": _ppl(before)})
+        before = evaluator.loss(model, cfg.eval_batches)  # on every rank: a sharded model needs them all
+        if ranks.main:
+            run.log({"step": 0, "val_loss": before, "val_ppl": _ppl(before)})
     else:
         before = next((r["val_loss"] for r in run.metrics() if r.get("step") == 0 and "val_loss" in r), float("nan"))
 
@@ -253,13 +283,15 @@ def train(cfg: TrainConfig, log=print) -> Path:
     def save(at_step: int) -> Path:
         nonlocal last_saved
         guard.check(at_step, last_saved)  # never checkpoint a run past its limit of skipped steps
-        state = {"step": at_step, "optimizer": optimizer.state_dict(),
+        weights, optimizer_state = distributed.full_state(model, optimizer, sharded)  # all ranks gather
+        state = {"step": at_step, "optimizer": optimizer_state,
                  "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}}
-        last_saved = checkpoint.save(run.path, at_step, model, tokenizer, state, cfg.keep_checkpoints)
+        if ranks.main:
+            last_saved = checkpoint.save(run.path, at_step, model, tokenizer, state, cfg.keep_checkpoints, weights)
         return last_saved
 
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc="training",
-               mininterval=0.5 if sys.stderr.isatty() else 30)
+               mininterval=0.5 if sys.stderr.isatty() else 30, disable=not ranks.main)
     running, timer, counted = torch.zeros((), device=device), time.perf_counter(), 0
     good = torch.zeros((), device=device)  # steps in this log window that were not skipped
     with StopFlag() as stop, memory_hint(cfg):
@@ -270,12 +302,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
             step_loss = 0
             for micro in range(cfg.grad_accum):
                 x, y = blocks.get(step * cfg.grad_accum + micro)
-                with autocast(device, dtype):
-                    loss = lm_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-                (loss / cfg.grad_accum).backward()
+                with distributed.sync_gradients(net, now=micro == cfg.grad_accum - 1):
+                    with autocast(device, dtype):
+                        loss = lm_loss(net, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                    (loss / cfg.grad_accum).backward()
                 step_loss = step_loss + loss.detach()
             # With --grad-clip 0 an infinite limit only measures the norm, which the guard needs.
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+            norm = distributed.plain(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
             bad = guard.step(optimizer, step_loss, norm, step + 1)
             running += torch.where(bad, 0.0, step_loss)
             good += ~bad
@@ -283,13 +316,16 @@ def train(cfg: TrainConfig, log=print) -> Path:
             step += 1
             counted += 1
             bar.update(1)
-            if step % cfg.log_every == 0 or step == total or stop.raised:
-                loss_sum, good_steps = torch.stack([running, good]).tolist()  # the loop's host sync
+            stopping = distributed.agree(stop.raised, ranks, device)
+            if step % cfg.log_every == 0 or step == total or stopping:
+                # the loop's host sync; the loss is the mean over ranks
+                loss_sum, good_steps = distributed.mean(torch.stack([running, good]), ranks).tolist()
                 mean = loss_sum / (good_steps * cfg.grad_accum) if good_steps else float("nan")
                 speed = counted * tokens_per_step / (time.perf_counter() - timer)
                 skipped = {"skipped_steps": counted - int(good_steps)} if good_steps < counted else {}
-                run.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": speed, "tokens": step * tokens_per_step,
-                         **skipped})
+                if ranks.main:
+                    run.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": speed,
+                             "tokens": step * tokens_per_step, **skipped})
                 bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}")
                 guard.check(step, last_saved)
                 running.zero_()
@@ -297,16 +333,17 @@ def train(cfg: TrainConfig, log=print) -> Path:
                 timer, counted = time.perf_counter(), 0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 val = evaluator.loss(model, cfg.eval_batches)
-                run.log({"step": step, "val_loss": val, "val_ppl": _ppl(val)})
-                bar.write(f"step {step}: validation loss {val:.4f}, perplexity {_ppl(val):.2f}")
-            if cfg.sample_every and step % cfg.sample_every == 0:
+                if ranks.main:
+                    run.log({"step": step, "val_loss": val, "val_ppl": _ppl(val)})
+                    bar.write(f"step {step}: validation loss {val:.4f}, perplexity {_ppl(val):.2f}")
+            if cfg.sample_every and step % cfg.sample_every == 0 and ranks.main and not sharded:
                 text = writer.samples([None], sampling)[0].text
                 run.log({"step": step, "sample": text})
                 bar.write(f"--- sample at step {step} ---\n{text}\n---")
-            if stop.raised and step < total:
+            if stopping and step < total:
                 where = save(step)
                 bar.close()
-                log(f"stopped by {stop.raised} at step {step}; checkpoint {where}. "
+                log(f"stopped by {stopping} at step {step}; checkpoint {where}. "
                     f"Continue with the same command plus --resume")
                 return run.path
             if cfg.save_every and step % cfg.save_every == 0 and step < total:
@@ -314,6 +351,11 @@ def train(cfg: TrainConfig, log=print) -> Path:
     bar.close()
     if step > start:  # a run resumed at its last step has that checkpoint already
         save(step)
+    if not ranks.main:
+        return run.path
+    if sharded:  # rank 0 cannot run a sharded model alone: reload the full one just saved
+        model = load_model(str(last_saved)).to(device)
+        writer = Writer(model, tokenizer, autocast=writer.autocast, log=log)
     return _finish(run, settings, block_size, model, tokenizer, store, evaluator, writer, sampling, before, log)
 
 
@@ -332,14 +374,19 @@ def _training_blocks(store: TokenStore, cfg: TrainConfig, rank: int = 0, world: 
     return blocks
 
 
-def _announce(log, store, cfg, total, tokens_per_step, device, dtype) -> None:
+def _announce(log, store, cfg, total, tokens_per_step, device, dtype, world) -> None:
     s = store.stats
     labels = ", ".join(f"{k}={v}" for k, v in s["labels"].items())
     log(f"corpus: {s['files']} files, {s['documents']} documents, {s['characters']:,} characters, "
         f"{s['tokens']:,} tokens ({s['train_tokens']:,} train / {s['val_tokens']:,} validation)"
         + (f"; labels: {labels}" if labels else ""))
+    processes = f" x {world} processes" if world > 1 else ""
     log(f"training {total} steps of {tokens_per_step:,} tokens (batch {cfg.batch_size} x accumulation "
-        f"{cfg.grad_accum} x block {cfg.block_size}), lr {cfg.peak_lr:g}, on {device} in {str(dtype).split('.')[-1]}")
+        f"{cfg.grad_accum} x block {cfg.block_size}{processes}), lr {cfg.peak_lr:g}, on {device} in "
+        f"{str(dtype).split('.')[-1]}")
+    if world > 1:
+        log(f"effective batch: {cfg.batch_size * cfg.grad_accum * world} sequences; on N processes, "
+            f"--batch-size {cfg.batch_size * world}/N keeps it and the lr")
 
 
 def _finish(run, cfg, block_size, model, tokenizer, store, evaluator, writer, sampling, before, log) -> Path:

@@ -1,0 +1,119 @@
+"""LoRA through peft: fine-tune small low-rank adapters instead of every weight.
+
+`--lora r=16,alpha=32,dropout=0.05[,targets=c_attn,c_proj]` freezes the base model and trains
+low-rank updates of the target layers (by default peft's choice for the architecture: c_attn,
+the fused attention projection, for GPT-2). A LoRA run directory holds the adapter
+(adapter_config.json, adapter_model.safetensors) and the tokenizer, not a copy of the base.
+`merged` folds an adapter into its base: `penwright export --merge` saves that as a plain HF
+model, and `generate.load` writes with it.
+
+torch and peft are imported inside the functions: config.py uses `parse` and must stay light.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import PenwrightError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ()  # empty: peft's default for the architecture
+
+
+def parse(text: str) -> LoraSpec:
+    """'r=16,alpha=32,dropout=0.05,targets=c_attn,c_proj': every key optional, targets a list."""
+    values, key = {}, None
+    for item in (s.strip() for s in text.split(",")):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep and key == "targets" and item:  # the next name in targets=a,b
+            values["targets"] += (item,)
+            continue
+        if name not in LoraSpec.__dataclass_fields__ or not value:
+            raise PenwrightError(f"--lora {text!r}: expected r=N,alpha=X,dropout=P[,targets=NAME,...], "
+                                 f"not {item!r}")
+        key = name
+        try:
+            values[key] = (value,) if key == "targets" else type(getattr(LoraSpec, key))(value)
+        except ValueError:
+            raise PenwrightError(f"--lora {text!r}: {key} must be a number, got {value!r}") from None
+    spec = LoraSpec(**values)
+    if spec.r < 1 or not spec.alpha > 0 or not 0 <= spec.dropout < 1:
+        raise PenwrightError(f"--lora {text!r}: need r >= 1, alpha > 0 and 0 <= dropout < 1")
+    return spec
+
+
+def is_adapter(path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def attach(model, text: str, base: str, adapter: Path | None = None):
+    """`model` frozen, with trainable adapters: new ones as `text` says, or those saved in `adapter`.
+
+    `base` (the --model spec) is recorded in the adapter's config, for `merged` to load later.
+    """
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    if adapter is not None:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    spec = parse(text)
+    config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                        target_modules=list(spec.targets) or None,
+                        fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores weights transposed
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as e:  # unknown architecture or target names
+        raise PenwrightError(f"--lora: {str(e).splitlines()[0]} (name the layers with targets=...)") from None
+    local = Path(base).expanduser()
+    model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else base
+    return model
+
+
+def merged(path, tokenizer, dtype=None, allow_pickle: bool = False):
+    """The plain HF model of a LoRA run: its base model with the adapter folded into the weights."""
+    import torch
+    from peft import PeftModel
+
+    from .models import fit_tokenizer, load_model
+
+    base = json.loads((Path(path) / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise PenwrightError(f"{path}: the adapter does not name its base model (base_model_name_or_path)")
+    model = load_model(base, allow_pickle, dtype=dtype or torch.float32)
+    fit_tokenizer(model, tokenizer)
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+
+def export_merged(run: str, out: str, log=print) -> Path:
+    """Write the merged model of LoRA run `run` to the new folder `out`, all at once or not at all."""
+    from . import files
+    from .models import save_model
+    from .tokens import load_tokenizer
+
+    if not is_adapter(run):
+        raise PenwrightError(f"--merge {run}: holds no LoRA adapter ({ADAPTER_CONFIG}); only LoRA runs need merging, "
+                             "a full fine-tune already is a plain HF model directory")
+    target = Path(out)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise PenwrightError(f"--out {target} already exists and is not empty; choose a new folder")
+    tokenizer = load_tokenizer(run)
+    model = merged(run, tokenizer)
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        save_model(model, tokenizer, tmp)
+        files.fsync_tree(tmp)
+        files.remove(target)  # an empty folder
+        os.rename(tmp, target)
+    finally:
+        files.remove(tmp)
+    log(f"merged {run} into its base model: {target}")
+    return target

@@ -1,0 +1,137 @@
+"""Training on several processes: real torchrun processes on the gloo backend, DDP and FSDP.
+
+What makes the comparisons exact: the tiny model has dropout off and trains in fp32, and
+plain text has no loss mask, so every rank's mean loss covers the same number of tokens. Then
+averaging the ranks' gradients (DDP's all-reduce, FSDP's reduce-scatter) is the gradient of the
+whole global batch, and 2 processes with batch B follow 1 process with batch 2B to rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from penwright import TrainConfig, train
+from penwright.cli import as_flags
+
+quiet = dict(log=lambda *_: None)
+STEPS, SAVE_AT = 6, 3
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, stories_txt) -> Path:
+    """A 'pretrained' tiny GPT-2 with its tokenizer and no dropout, as a local model directory."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from penwright.tokens import train_tokenizer
+
+    tokenizer = train_tokenizer(stories_txt.read_text().split("\n\n"), 512)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=64, n_positions=128,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("base") / "tiny-gpt2"
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def base_config(data: Path, model: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(data=str(data), model=str(model), out=str(out), block_size=32, batch_size=8, max_steps=STEPS,
+                    lr=1e-3, log_every=1, eval_every=0, eval_batches=2, sample_every=0, sample_length=8,
+                    save_every=SAVE_AT, precision="fp32", seed=1)
+    return TrainConfig(**{**settings, **overrides})
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def penwright(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "penwright", *argv], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, stories_txt, tiny_base) -> Path:
+    """One process, global batch 8: the curve the distributed runs must follow."""
+    return train(base_config(stories_txt, tiny_base, tmp_path_factory.mktemp("runs") / "one"), **quiet)
+
+
+def resume_in_one_process(run: Path, cfg: TrainConfig) -> None:
+    """Drop the final checkpoint and continue from the middle one, unsharded, in this process."""
+    shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")
+    train(replace(cfg, batch_size=8, fsdp=False, resume=True), **quiet)
+
+
+def test_two_processes_follow_one_and_resume_in_one(tmp_path, stories_txt, tiny_base, reference):
+    cfg = base_config(stories_txt, tiny_base, tmp_path / "two", batch_size=4)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "penwright", "train", *as_flags(cfg)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = losses(reference), losses(tmp_path / "two")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (got, expected)
+    assert got[STEPS] < got[1] - 0.05  # it learned, so the match is not two flat lines
+    # Only rank 0 spoke, and it reported the global batch: 2 processes x 4 sequences x 32 tokens.
+    assert done.stderr.count("model saved to") == 1
+    assert "training 6 steps of 256 tokens (batch 4 x accumulation 1 x block 32 x 2 processes)" in done.stderr
+
+    resume_in_one_process(tmp_path / "two", cfg)
+    resumed = losses(tmp_path / "two")
+    assert all(abs(resumed[s] - expected[s]) < 1e-4 for s in range(SAVE_AT + 1, STEPS + 1)), (resumed, expected)
+
+
+def test_fsdp_with_nproc_shards_saves_plain_hf_and_resumes_unsharded(tmp_path, stories_txt, tiny_base, reference):
+    from torch.distributed import fsdp
+
+    if not hasattr(fsdp, "fully_shard") or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no FSDP2 fully_shard on CPU with gloo")
+    from transformers import AutoModelForCausalLM
+
+    cfg = base_config(stories_txt, tiny_base, tmp_path / "fsdp", batch_size=4, fsdp=True)
+    done = penwright("train", "--nproc", "2", *as_flags(cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x 2 processes" in done.stderr
+    expected, got = losses(reference), losses(tmp_path / "fsdp")
+    assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (got, expected)
+
+    # The checkpoint is a plain HF directory holding the full (gathered) weights.
+    middle = tmp_path / "fsdp" / "checkpoints" / f"step-{SAVE_AT:08d}"
+    model = AutoModelForCausalLM.from_pretrained(middle)
+    reference_model = AutoModelForCausalLM.from_pretrained(reference / "checkpoints" / f"step-{SAVE_AT:08d}")
+    for (name, mine), (_, theirs) in zip(model.state_dict().items(), reference_model.state_dict().items()):
+        assert torch.allclose(mine, theirs, atol=1e-5), name
+
+    resume_in_one_process(tmp_path / "fsdp", cfg)  # 2 shards -> 1 unsharded process
+    resumed = losses(tmp_path / "fsdp")
+    assert all(abs(resumed[s] - expected[s]) < 1e-4 for s in range(SAVE_AT + 1, STEPS + 1)), (resumed, expected)
+
+
+def test_nproc_bad_input_is_one_line(tmp_path, stories_txt, tiny_base):
+    (tmp_path / "taken").write_text("not a folder")
+    done = penwright("train", "--nproc", "2", "--data", str(stories_txt), "--model", str(tiny_base),
+                     "--out", str(tmp_path / "taken"))
+    assert done.returncode == 2
+    assert "penwright: error: --out" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_as_flags_rebuilds_the_config(stories_txt, tiny_base):
+    from penwright.cli import build_parser
+
+    cfg = base_config(stories_txt, tiny_base, "runs/x", fsdp=True, lora=None, nproc=2)
+    args = vars(build_parser().parse_args(["train", *as_flags(cfg)]))
+    rebuilt = args.pop("config")(**{k: v for k, v in args.items() if k != "command"})
+    assert rebuilt == cfg
+    assert "--nproc" not in as_flags(cfg, skip=("nproc",))
