@@ -27,13 +27,15 @@ IDENTITY = ("data", "val_file", "model", "init", "preset", "tokenizer", "text_co
 
 
 class RunDir:
+    replace = False  # set by claim() for --overwrite: create() empties the folder
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.metrics_path = self.path / "metrics.jsonl"
 
     @classmethod
     def claim(cls, cfg: TrainConfig) -> "RunDir":
-        """Check that --out may be written by this run, honouring --resume and --overwrite."""
+        """Check that --out may hold this run (honouring --resume and --overwrite); changes nothing yet."""
         if not cfg.out:
             raise PenwrightError("no run directory given: pass --out runs/NAME")
         run = cls(Path(cfg.out))
@@ -46,7 +48,7 @@ class RunDir:
                 if previous is None and not (run.path / "config.json").is_file():
                     raise PenwrightError(f"--out {run.path} holds files that are not a penwright run; "
                                          "refusing to delete them even with --overwrite: choose another --out")
-                files.remove(run.path)
+                run.replace = True
             elif previous is None:
                 raise PenwrightError(f"--out {run.path} is not empty and holds no penwright run; choose another folder")
             elif not cfg.resume:
@@ -57,8 +59,13 @@ class RunDir:
                 if changed:
                     raise PenwrightError(f"--out {run.path} holds a different run (--{changed[0].replace('_', '-')} "
                                          f"was {previous.get(changed[0])!r}); use another --out or --overwrite")
-        run.path.mkdir(parents=True, exist_ok=True)
         return run
+
+    def create(self) -> None:
+        """Make the folder (emptying it first for --overwrite), once the run's inputs have been checked."""
+        if self.replace:
+            files.remove(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
 
     # --- settings and results -----------------------------------------------------------------
 

@@ -1,0 +1,82 @@
+"""The command line: bad input gets one clear line and exit 2; commands do what --help says."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from penwright.cli import main
+
+
+def run_cli(*args, stdin=None):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    return subprocess.run([sys.executable, "-m", "penwright", *map(str, args)], capture_output=True, text=True,
+                          input=stdin, env=env, timeout=300)
+
+
+def one_error_line(capsys, *argv) -> str:
+    assert main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("penwright: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["train", "--data", "missing.txt", "--out", "x"], "missing.txt: no such file or folder"),
+    (["train", "--data", "{empty}", "--init", "scratch", "--out", "x"], "the corpus is empty"),
+    (["train", "--data", "{latin}", "--init", "scratch", "--out", "x"], "not valid utf-8 at byte 3; pass the file's encoding"),
+    (["train", "--data", "{csv}", "--init", "scratch", "--label-column", "genre", "--out", "x"],
+     "no column 'text'; it has: plot, tag"),
+    (["train", "--data", "{csv}", "--model", "gpt2", "--out", "x"], "'gpt2' is not in the local cache"),
+    (["train", "--data", "{csv}", "--init", "scratch", "--preset", "huge", "--out", "x"], "unknown preset 'huge'"),
+    (["generate", "--model", "x", "--temperature", "0"], "--temperature must be > 0 when sampling"),
+    (["generate", "--model", "x", "--top-p", "1.5"], r"--top-p must be in (0, 1]"),
+    (["generate", "--prompt", "hi"], "no model given: pass --model"),
+    (["generate", "--model", "no/such/dir"], "not a model directory or .gguf file"),
+    (["generate", "--model", "nonexistent-model-xyz"], "not in the local cache and the Hugging Face hub is unreachable"),
+])
+def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "latin.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    (tmp_path / "plots.csv").write_text("plot,tag\nSomething happens,x\n")
+    names = {"{empty}": "empty.txt", "{latin}": "latin.txt", "{csv}": "plots.csv"}
+    line = one_error_line(capsys, *[names.get(a, a) for a in argv])
+    assert expected in line
+    assert not (tmp_path / "x").exists(), "nothing half-written"
+
+
+def test_out_dir_holding_another_run_is_refused_without_traceback(tiny_run):
+    result = run_cli("train", "--data", "whatever.txt", "--out", tiny_run)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "already holds a run: add --resume" in result.stderr
+
+
+def test_generate_writes_jsonl_and_same_seed_gives_same_text(tiny_run, tmp_path):
+    out = tmp_path / "samples.jsonl"
+    args = ["generate", "--model", tiny_run, "--label", "horror", "--num-samples", "3", "--seed", "4",
+            "--max-new-tokens", "16", "--precision", "fp32"]
+    first = run_cli(*args, "--output", out)
+    assert first.returncode == 0, first.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["label"] == "horror" and r["seed"] == 4 for r in rows)
+    assert first.stdout.count("===== sample") == 3
+    assert run_cli(*args).stdout == first.stdout
+
+
+def test_interactive_streams_a_continuation_per_prompt(tiny_run):
+    result = run_cli("interactive", "--model", tiny_run, "--max-new-tokens", "12", "--seed", "1",
+                     stdin="The ship\n\nA door\n")
+    assert result.returncode == 0, result.stderr
+    answers = result.stdout.split("prompt> ")
+    assert answers[2] == "", "an empty line asks again"
+    assert answers[1].startswith("The ship") and answers[3].startswith("A door")
+    assert len(answers[1].strip()) > len("The ship") and len(answers) == 5
+
+
+def test_help_lists_commands_and_examples():
+    result = run_cli("train", "--help")
+    assert result.returncode == 0
+    assert "--block-size" in result.stdout and "examples:" in result.stdout and "--resume" in result.stdout
