@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 
-.PHONY: install demo test bench soak clean
+.PHONY: install demo test browser bench bench-serve soak clean
 
 install: $(STAMP)
 
@@ -26,8 +26,16 @@ demo: $(STAMP)
 	        --max-new-tokens 80 --trim-to-sentence || exit 1; \
 	done
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# The web page's test drives Debian's chromium with Playwright (no browser download).
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+# Load test of `penwright serve` on loopback: 16 clients, 200 requests; writes benchmarks/results/serve_load.json.
+bench-serve: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/serve_load.py
 
 # The long crash test: 20 SIGKILLs at random moments, each followed by --resume.
 soak: $(STAMP)

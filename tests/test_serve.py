@@ -102,14 +102,16 @@ def test_list_prompts_n_echo_label_and_greedy(url):
 
 def test_stream_is_server_sent_events_ending_in_done(url):
     body = dict(model="tiny", prompt="The ship", max_tokens=12, seed=3)
-    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as response:
+    streaming = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/v1/completions", json=streaming, timeout=30) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(response)
+        *events, counted = sse_events(response)
     assert {e["object"] for e in events} == {"text_completion"}
-    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
-    streamed = "".join(e["choices"][0]["text"] for e in events)
-    assert streamed == complete(url, **body).json()["choices"][0]["text"]
+    plain = complete(url, **body).json()
+    assert events[-1]["choices"][0]["finish_reason"] == plain["choices"][0]["finish_reason"]
+    assert "".join(e["choices"][0]["text"] for e in events) == plain["choices"][0]["text"]
+    assert counted["choices"] == [] and counted["usage"] == plain["usage"]
 
 
 def test_openai_client_plain_streamed_and_models(url):

@@ -73,8 +73,8 @@ class Writer:
         return out
 
     def stream(self, prompt: str | None = None, cfg: SampleConfig | None = None,
-               **settings) -> Generator[str, None, str]:
-        """Yield one sample's text piece by piece as it is written; return why it ended ("stop" or "length")."""
+               **settings) -> Generator[str, None, Sample]:
+        """Yield one sample's text piece by piece as it is written; return the finished Sample."""
         cfg = cfg or SampleConfig(**settings)
         ids, budget = self._prompt_ids(prompt, cfg)
         tokens, sent, reason = [], 0, "length"
@@ -89,11 +89,11 @@ class Writer:
                 yield safe[sent:]
                 sent = len(safe)
             if stopped:
-                return "stop"
+                break
         final, stopped = finish(self.tokenizer.decode(tokens, skip_special_tokens=True), cfg)
         if len(final) > sent:
             yield final[sent:]
-        return "stop" if stopped else reason
+        return Sample(prompt, final, cfg.label, "stop" if stopped else reason, len(tokens))
 
     # --- internals --------------------------------------------------------------------------
 

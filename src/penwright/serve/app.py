@@ -157,39 +157,48 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
         head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "created": int(time.time()),
                 "model": name}
         shown = [(p or "") if echo else "" for p in prompts for _ in range(sampling.num_samples)]
-        if request.stream:
-            kind = "chat.completion.chunk" if chat else "text_completion"
-
-            def sse(index: int, text: str, reason: str | None = None, start: bool = False) -> str:
-                body = {**head, "object": kind, "choices": [choice(chat, index, text, reason, delta=True, start=start)]}
-                return f"data: {json.dumps(body)}\n\n"
-
-            async def stream():
-                try:
-                    for index, text in enumerate(shown):
-                        if chat or text:
-                            yield sse(index, text, start=True)
-                    async for event in events(job, deadline):
-                        if event[0] == "text":
-                            yield sse(event[1], event[2])
-                        elif event[0] == "end":
-                            yield sse(event[1], "", event[2])
-                except (ApiError, PenwrightError) as e:
-                    error = e if isinstance(e, ApiError) else ApiError(400, str(e))
-                    yield f"data: {json.dumps(error.body())}\n\n"
-                finally:
-                    job.cancelled = True  # also when the client hung up while we were sending
-                yield "data: [DONE]\n\n"
-
-            return StreamingResponse(stream(), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        samples = [event[1] async for event in events(job, deadline)][0]
         prompt_tokens = sum(count_tokens(writer, p) for p in prompts)
-        completion_tokens = sum(s.new_tokens for s in samples)
-        return {**head, "object": "chat.completion" if chat else "text_completion",
-                "choices": [choice(chat, i, shown[i] + s.text, s.finish_reason) for i, s in enumerate(samples)],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+
+        def usage(completion_tokens: int) -> dict:
+            return {"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                              "total_tokens": prompt_tokens + completion_tokens}}
+
+        if not request.stream:
+            samples = [event[1] async for event in events(job, deadline)][0]
+            return {**head, "object": "chat.completion" if chat else "text_completion",
+                    "choices": [choice(chat, i, shown[i] + s.text, s.finish_reason) for i, s in enumerate(samples)],
+                    **usage(sum(s.new_tokens for s in samples))}
+
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def sse(body: dict) -> str:
+            return f"data: {json.dumps(body)}\n\n"
+
+        def chunk(index: int, text: str, reason: str | None = None, start: bool = False) -> str:
+            return sse({**head, "object": kind, "choices": [choice(chat, index, text, reason, True, start)]})
+
+        async def stream():
+            written = 0
+            try:
+                for index, text in enumerate(shown):
+                    if chat or text:
+                        yield chunk(index, text, start=True)
+                async for event in events(job, deadline):
+                    if event[0] == "text":
+                        yield chunk(event[1], event[2])
+                    elif event[0] == "end":
+                        written += event[2].new_tokens
+                        yield chunk(event[1], "", event[2].finish_reason)
+                if request.stream_options.include_usage:  # OpenAI's way to count a stream's tokens
+                    yield sse({**head, "object": kind, "choices": [], **usage(written)})
+            except (ApiError, PenwrightError) as e:
+                yield sse((e if isinstance(e, ApiError) else ApiError(400, str(e))).body())
+            finally:
+                job.cancelled = True  # also when the client hung up while we were sending
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 

@@ -17,6 +17,12 @@ from ..errors import PenwrightError
 API_NAMES = {"max-new-tokens": "max_tokens", "num-samples": "n", "greedy": "temperature 0"}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False
+
+
 class Sampling(BaseModel):
     # strict: "0.5" is not a number and "yes" is not a boolean; unknown fields are ignored.
     model_config = ConfigDict(strict=True, extra="ignore")
@@ -29,6 +35,7 @@ class Sampling(BaseModel):
     stop: str | list[str] = Field(default_factory=list)
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions = Field(default_factory=StreamOptions)
     top_k: int = 0
     repetition_penalty: float = 1.0
     label: str | None = None

@@ -18,7 +18,7 @@ from ..generate import Writer
 
 @dataclass
 class Job:
-    """One request. Events sent back: ("text", index, piece), ("end", index, reason),
+    """One request. Events sent back: ("text", index, piece), ("end", index, Sample),
     ("samples", [Sample]) for plain requests, ("error", exception), and ("done",) after a stream."""
 
     prompts: list[str | None]
@@ -114,7 +114,7 @@ class Worker:
             try:
                 while not job.cancelled:
                     job.send("text", index, next(pieces))
-            except StopIteration as end:
+            except StopIteration as end:  # the stream returns its finished Sample
                 job.send("end", index, end.value)
             finally:
                 pieces.close()  # stops the decode loop when the client has gone

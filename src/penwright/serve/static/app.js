@@ -1,0 +1,170 @@
+// The page talks to the same OpenAI-compatible API as any other client: /v1/models and a
+// streamed /v1/completions, read as server-sent events.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const sliders = ["temperature", "top_p", "top_k", "max_tokens"];
+const output = $("output");
+let models = [];
+let running = null; // the AbortController of the generation under way
+
+function say(message, error = false) {
+  $("status").textContent = message;
+  $("status").classList.toggle("error", error);
+}
+
+function headers() {
+  const key = $("key").value.trim();
+  return { "Content-Type": "application/json", ...(key ? { Authorization: `Bearer ${key}` } : {}) };
+}
+
+async function api(path, options = {}) {
+  const response = await fetch(path, { ...options, headers: headers() });
+  if (!response.ok) {
+    const body = await response.json().catch(() => ({}));
+    throw new Error(body.error?.message || `${response.status} ${response.statusText}`);
+  }
+  return response;
+}
+
+async function start() {
+  for (const id of sliders) {
+    const show = () => (document.querySelector(`output[for=${id}]`).textContent = $(id).value);
+    $(id).addEventListener("input", show);
+    show();
+  }
+  const health = await (await fetch("/health")).json();
+  $("max_tokens").max = health.limits.max_tokens_cap;
+  $("max_tokens").dispatchEvent(new Event("input"));
+  $("key-box").hidden = !health.auth;
+  $("key").addEventListener("change", loadModels);
+  $("model").addEventListener("change", showLabels);
+  $("generate").addEventListener("click", generate);
+  $("stop").addEventListener("click", () => running?.abort());
+  $("copy").addEventListener("click", () => copy(output.textContent, $("copy")));
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate();
+  });
+  await loadModels();
+}
+
+async function loadModels() {
+  try {
+    models = (await (await api("/v1/models")).json()).data;
+  } catch (e) {
+    return say(e.message, true);
+  }
+  $("model").replaceChildren(...models.map((m) => new Option(m.id, m.id)));
+  showLabels();
+  say(`${models.length} model${models.length === 1 ? "" : "s"} ready`);
+}
+
+function showLabels() {
+  const model = models.find((m) => m.id === $("model").value);
+  const labels = model ? model.labels : [];
+  $("label").replaceChildren(new Option("any", ""), ...labels.map((l) => new Option(l, l)));
+  $("label").disabled = labels.length === 0;
+}
+
+function request(prompt) {
+  const body = { model: $("model").value, prompt, stream: true };
+  for (const id of sliders) body[id] = Number($(id).value);
+  if ($("label").value) body.label = $("label").value;
+  return body;
+}
+
+async function generate() {
+  if (running) return;
+  const prompt = $("prompt").value;
+  const continuation = output.querySelector(".continuation");
+  output.querySelector(".prompt").textContent = prompt;
+  continuation.textContent = "";
+  running = new AbortController();
+  busy(true);
+  say("writing…");
+  const settings = request(prompt);
+  try {
+    const response = await api("/v1/completions", {
+      method: "POST", body: JSON.stringify(settings), signal: running.signal,
+    });
+    for await (const event of serverEvents(response)) {
+      if (event.error) throw new Error(event.error.message);
+      continuation.textContent += event.choices[0].text;
+    }
+    say("done");
+  } catch (e) {
+    say(e.name === "AbortError" ? "stopped" : e.message, e.name !== "AbortError");
+  } finally {
+    running = null;
+    busy(false);
+    remember(prompt, continuation.textContent, settings);
+  }
+}
+
+// Yield each JSON event of a server-sent event stream until `data: [DONE]`.
+async function* serverEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const data = buffer.slice(0, end).replace(/^data: /, "");
+      buffer = buffer.slice(end + 2);
+      if (data === "[DONE]") return;
+      yield JSON.parse(data);
+    }
+  }
+}
+
+function busy(on) {
+  $("generate").disabled = on;
+  $("stop").disabled = !on;
+  $("copy").disabled = on;
+  output.classList.toggle("writing", on);
+}
+
+function remember(prompt, text, settings) {
+  if (!text) return;
+  const item = document.createElement("li");
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const label = settings.label ? ` · ${settings.label}` : "";
+  meta.append(`${settings.model}${label} · temperature ${settings.temperature} · ${new Date().toLocaleTimeString()}`);
+  const button = document.createElement("button");
+  button.textContent = "Copy";
+  button.addEventListener("click", () => copy(prompt + text, button));
+  meta.append(button);
+  const body = document.createElement("div");
+  body.className = "text";
+  const bold = document.createElement("span");
+  bold.className = "prompt";
+  bold.textContent = prompt;
+  const added = document.createElement("span");
+  added.className = "continuation";
+  added.textContent = text;
+  body.append(bold, added);
+  item.append(meta, body);
+  $("history").prepend(item);
+  $("history-box").hidden = false;
+}
+
+async function copy(text, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {
+    // The clipboard API needs a secure context; plain http on a LAN address is not one.
+    const area = Object.assign(document.createElement("textarea"), { value: text });
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  const was = button.textContent;
+  button.textContent = "Copied";
+  setTimeout(() => (button.textContent = was), 1200);
+}
+
+start().catch((e) => say(e.message, true));
