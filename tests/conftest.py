@@ -101,3 +101,22 @@ def serving(app):
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, stories_txt) -> Path:
+    """A 'pretrained' tiny GPT-2 (2 layers, 64 wide, no dropout) with its tokenizer, as a local model directory."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from penwright.tokens import train_tokenizer
+
+    tokenizer = train_tokenizer(stories_txt.read_text().split("\n\n"), 512)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=64, n_positions=128,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = tmp_path_factory.mktemp("base") / "tiny-gpt2"
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -26,24 +26,6 @@ quiet = dict(log=lambda *_: None)
 STEPS, SAVE_AT = 6, 3
 
 
-@pytest.fixture(scope="session")
-def tiny_base(tmp_path_factory, stories_txt) -> Path:
-    """A 'pretrained' tiny GPT-2 with its tokenizer and no dropout, as a local model directory."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from penwright.tokens import train_tokenizer
-
-    tokenizer = train_tokenizer(stories_txt.read_text().split("\n\n"), 512)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tokenizer), n_layer=2, n_head=2, n_embd=64, n_positions=128,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    path = tmp_path_factory.mktemp("base") / "tiny-gpt2"
-    GPT2LMHeadModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def base_config(data: Path, model: Path, out: Path, **overrides) -> TrainConfig:
     settings = dict(data=str(data), model=str(model), out=str(out), block_size=32, batch_size=8, max_steps=STEPS,
                     lr=1e-3, log_every=1, eval_every=0, eval_batches=2, sample_every=0, sample_length=8,

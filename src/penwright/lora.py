@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +54,14 @@ def parse(text: str) -> LoraSpec:
     return spec
 
 
+@contextmanager
+def _peft():
+    """peft still asks transformers for a property transformers 5 renamed: a warning nobody can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
 def is_adapter(path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
@@ -64,13 +74,15 @@ def attach(model, text: str, base: str, adapter: Path | None = None):
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapter is not None:
-        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        with _peft():
+            return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     spec = parse(text)
     config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=list(spec.targets) or None,
                         fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores weights transposed
     try:
-        model = get_peft_model(model, config)
+        with _peft():
+            model = get_peft_model(model, config)
     except ValueError as e:  # unknown architecture or target names
         raise PenwrightError(f"--lora: {str(e).splitlines()[0]} (name the layers with targets=...)") from None
     local = Path(base).expanduser()
@@ -90,7 +102,8 @@ def merged(path, tokenizer, dtype=None, allow_pickle: bool = False):
         raise PenwrightError(f"{path}: the adapter does not name its base model (base_model_name_or_path)")
     model = load_model(base, allow_pickle, dtype=dtype or torch.float32)
     fit_tokenizer(model, tokenizer)
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    with _peft():
+        return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
 def export_merged(run: str, out: str, log=print) -> Path:
