@@ -53,11 +53,11 @@ def reference(tmp_path_factory, stories_txt, tiny_base) -> Path:
 def resume_in_one_process(run: Path, cfg: TrainConfig) -> None:
     """Drop the final checkpoint and continue from the middle one, unsharded, in this process."""
     shutil.rmtree(run / "checkpoints" / f"step-{STEPS:08d}")
-    train(replace(cfg, batch_size=8, fsdp=False, resume=True), **quiet)
+    train(replace(cfg, batch_size=8, grad_accum=1, fsdp=False, resume=True), **quiet)
 
 
 def test_two_processes_follow_one_and_resume_in_one(tmp_path, stories_txt, tiny_base, reference):
-    cfg = base_config(stories_txt, tiny_base, tmp_path / "two", batch_size=4)
+    cfg = base_config(stories_txt, tiny_base, tmp_path / "two", batch_size=2, grad_accum=2)  # accumulation: no_sync
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "-m", "penwright", "train", *as_flags(cfg)],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
@@ -66,9 +66,9 @@ def test_two_processes_follow_one_and_resume_in_one(tmp_path, stories_txt, tiny_
     assert sorted(got) == list(range(1, STEPS + 1))
     assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (got, expected)
     assert got[STEPS] < got[1] - 0.05  # it learned, so the match is not two flat lines
-    # Only rank 0 spoke, and it reported the global batch: 2 processes x 4 sequences x 32 tokens.
+    # Only rank 0 spoke, and it reported the global batch: 2 processes x 2 x 2 sequences x 32 tokens.
     assert done.stderr.count("model saved to") == 1
-    assert "training 6 steps of 256 tokens (batch 4 x accumulation 1 x block 32 x 2 processes)" in done.stderr
+    assert "training 6 steps of 256 tokens (batch 2 x accumulation 2 x block 32 x 2 processes)" in done.stderr
 
     resume_in_one_process(tmp_path / "two", cfg)
     resumed = losses(tmp_path / "two")
@@ -82,7 +82,7 @@ def test_fsdp_with_nproc_shards_saves_plain_hf_and_resumes_unsharded(tmp_path, s
         pytest.skip("this torch build has no FSDP2 fully_shard on CPU with gloo")
     from transformers import AutoModelForCausalLM
 
-    cfg = base_config(stories_txt, tiny_base, tmp_path / "fsdp", batch_size=4, fsdp=True)
+    cfg = base_config(stories_txt, tiny_base, tmp_path / "fsdp", batch_size=2, grad_accum=2, fsdp=True)
     done = penwright("train", "--nproc", "2", *as_flags(cfg))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2 processes" in done.stderr

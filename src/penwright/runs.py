@@ -23,7 +23,7 @@ from .errors import PenwrightError
 RUN_FILE = "penwright.json"
 # Settings that make a run a different run; changing others (steps, eval cadence) is fine on resume.
 IDENTITY = ("data", "val_file", "model", "init", "preset", "tokenizer", "text_column", "label_column",
-            "prompt_column", "completion_column", "line_by_line", "val_fraction", "block_size", "seed")
+            "prompt_column", "completion_column", "line_by_line", "val_fraction", "block_size", "seed", "lora")
 
 
 class RunDir:

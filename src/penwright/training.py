@@ -324,8 +324,8 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
                 speed = counted * tokens_per_step / (time.perf_counter() - timer)
                 skipped = {"skipped_steps": counted - int(good_steps)} if good_steps < counted else {}
                 if ranks.main:
-                    run.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": speed,
-                             "tokens": step * tokens_per_step, **skipped})
+                    run.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": speed,  # tokens: all ranks'
+                             "tokens": step * tokens_per_step, "processes": ranks.world, **skipped})
                 bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}")
                 guard.check(step, last_saved)
                 running.zero_()
