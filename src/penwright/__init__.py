@@ -15,9 +15,10 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "PenwrightError": "errors",
     "DataConfig": "config", "PrepareConfig": "config", "TrainConfig": "config",
-    "SampleConfig": "config", "GenerateConfig": "config",
+    "SampleConfig": "config", "GenerateConfig": "config", "EvalConfig": "config",
     "prepare": "tokens", "TokenStore": "tokens",
     "train": "training",
+    "evaluate": "evaluation",
     "load": "generate", "Writer": "generate", "Sample": "generate",
 }
 __all__ = sorted(_EXPORTS)

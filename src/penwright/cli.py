@@ -15,7 +15,7 @@ import typing
 from dataclasses import MISSING, asdict, fields
 from pathlib import Path
 
-from .config import ExportConfig, GenerateConfig, PrepareConfig, ServeConfig, TrainConfig
+from .config import EvalConfig, ExportConfig, GenerateConfig, PrepareConfig, ServeConfig, TrainConfig
 from .errors import PenwrightError
 
 EXAMPLES = {
@@ -37,6 +37,10 @@ EXAMPLES = {
   penwright generate --model runs/book --prompt-file prompts.txt --output samples.jsonl""",
     "interactive": """examples:
   penwright interactive --model runs/book --temperature 0.7 --top-p 0.9""",
+    "eval": """examples:
+  penwright eval --model runs/book --model gpt2 --out reports/book          # held out: runs/book's validation split
+  penwright eval --model runs/lyrics --model gpt2 --data held_out_songs/ --train-data songs/ --out reports/lyrics
+  penwright eval --model runs/plots --data test.csv --text-column plot --label-column genre --num-samples 5""",
     "export": """examples:
   penwright export --merge runs/book-lora --out models/book-merged     # a LoRA run as a plain HF model""",
     "serve": """examples:
@@ -86,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", GenerateConfig, "write samples with a trained model", ()),
         ("interactive", GenerateConfig, "a prompt loop: type a prompt, read the continuation",
          ("prompt", "prompt_file", "output")),
+        ("eval", EvalConfig, "score and compare models on held-out text: perplexity, continuations, copying",
+         ("label", "val_fraction", "val_file", "cache_dir")),
         ("serve", ServeConfig, "serve models over an OpenAI-compatible HTTP API and a web page", ()),
         ("export", ExportConfig, "write a LoRA run's adapter merged into its base model as a plain HF model", ()),
     ):
@@ -228,6 +234,14 @@ def cmd_interactive(cfg: GenerateConfig) -> None:
             _stream(writer, prompt, sampling)
 
 
+def cmd_eval(cfg: EvalConfig) -> None:
+    from rich.console import Console
+
+    from .evaluation import evaluate, table
+
+    Console().print(table(evaluate(cfg, log=warn)))
+
+
 def cmd_serve(cfg: ServeConfig) -> None:
     from .serve import serve
 
@@ -241,7 +255,7 @@ def cmd_export(cfg: ExportConfig) -> None:
 
 
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "interactive": cmd_interactive,
-            "serve": cmd_serve,
+            "serve": cmd_serve, "eval": cmd_eval,
             "export": cmd_export}
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ class TrainConfig(PrepareConfig):
     seed: int = opt(42, "random seed for initialisation, data order and dropout")
     eval_every: int = opt(200, "steps between validation evaluations (0: only at start and end)")
     eval_batches: int = opt(50, "batches per periodic evaluation (the final one uses the whole split)")
+    eval_at_end: bool = opt(False, "when training ends, run `penwright eval`'s perplexity and continuation test "
+                                   "on the validation split and add them to the model card")
     sample_every: int = opt(500, "steps between printed samples (0: never)")
     sample_length: int = opt(64, "tokens per training sample")
     save_every: int = opt(500, "steps between checkpoints (0: only at the end)")
@@ -166,6 +168,11 @@ class SampleConfig:
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
         _check(all(isinstance(s, str) and s for s in self.stop), "--stop strings must not be empty")
 
+    def sampling(self) -> SampleConfig:
+        """Just the sampling settings of a config that extends this one."""
+        names = SampleConfig.__dataclass_fields__
+        return SampleConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
 
 @dataclass
 class GenerateConfig(SampleConfig):
@@ -183,9 +190,38 @@ class GenerateConfig(SampleConfig):
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(not (self.prompt is not None and self.prompt_file is not None), "give --prompt or --prompt-file, not both")
 
-    def sampling(self) -> SampleConfig:
-        names = SampleConfig.__dataclass_fields__
-        return SampleConfig(**{k: v for k, v in asdict(self).items() if k in names})
+
+@dataclass
+class EvalConfig(SampleConfig, DataConfig):
+    """`penwright eval`: models to compare, the held-out text, and how to sample continuations.
+
+    `--data` is held out whole; without it, the validation split of the first run dir among
+    the models is used (and its training split for the memorisation check).
+    """
+
+    model: list[str] = opt([], "run directory, model directory, hub id or .gguf to evaluate (repeat to compare)",
+                           action="append")
+    train_data: str | None = opt(None, "training corpus to look for copied text in (default: the first run dir's)")
+    out: str | None = opt(None, "folder for report.json, report.md and the charts (default: only print the table)")
+    stride: int | None = opt(None, "tokens the perplexity window moves each step (default: half the context)")
+    holdout_words: int = opt(20, "words held back at the end of each document for the continuation test")
+    max_documents: int = opt(100, "held-out documents used for the continuation test (perplexity uses all)")
+    label_samples: int = opt(10, "samples per label for the label-control test")
+    num_samples: int = opt(3, "continuations per held-out document (self-BLEU compares them)")
+    seed: int | None = opt(1, "random seed for the samples: the same seed gives the same report")
+    precision: str = opt("fp32", "fp32 (exact metrics), bf16 or fp16 (CUDA only), or auto")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self):
+        DataConfig.__post_init__(self)
+        SampleConfig.__post_init__(self)
+        _check(bool(self.model), "no model given: pass --model runs/NAME (repeat --model to compare several)")
+        _check(len(set(self.model)) == len(self.model), "the same --model is given twice")
+        _check(self.label is None, "eval conditions each document on its own label; drop --label")
+        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(self.stride is None or self.stride >= 1, f"--stride must be at least 1, got {self.stride}")
+        for name in ("holdout_words", "max_documents", "label_samples"):
+            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
 
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")

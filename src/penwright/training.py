@@ -397,6 +397,10 @@ def _finish(run, cfg, block_size, model, tokenizer, store, evaluator, writer, sa
     save_model(model, tokenizer, run.path)
     results = {"validation loss": f"{after:.4f}", "validation perplexity": f"{_ppl(after):.2f}",
                "validation perplexity before training": f"{_ppl(before):.2f}"}
+    if cfg.eval_at_end:
+        from .evaluation import end_of_training
+
+        results.update(end_of_training(writer, cfg, log))
     run.write_info(cfg, stats=store.stats, block_size=block_size, results={"val_loss": after, "val_ppl": _ppl(after),
                                                     "val_loss_before": before, "val_ppl_before": _ppl(before)})
     run.plot_loss()

@@ -1,0 +1,510 @@
+"""Evaluating and comparing models on held-out text, as a report people read.
+
+`evaluate(EvalConfig)` loads each model in turn and scores it on the same documents:
+
+- perplexity with a sliding window (every token is predicted from at least context - stride
+  tokens before it), token-weighted over the set, and bits per byte, which stays comparable
+  between models with different tokenizers;
+- the continuation test: hold back each document's last N words, write from the rest, and score
+  the written ending against the real one with sacrebleu's BLEU and chrF (0-100);
+- diversity of those samples (distinct-n, self-BLEU), the longest run of tokens they copy from
+  the training text (found with a suffix array), and, for labelled data, whether a classifier
+  trained on the held-out texts recognises the label each sample was written for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import files, sources
+from .config import EvalConfig, SampleConfig, TrainConfig
+from .corpus import Document, load_corpus, read_documents
+from .errors import PenwrightError
+from .generate import Writer, load
+from .runs import RUN_FILE, RunDir, plot_losses, read_metrics
+from .tokens import encode_texts
+
+COPY_TOKENS = 50  # a sample holding a verbatim copy of this many training tokens counts as reciting
+EXAMPLES = 3  # continuations shown per model in report.md
+
+
+def evaluate(cfg: EvalConfig, log=print) -> dict:
+    """Score every `cfg.model` on the held-out text; write the report to `cfg.out` if given."""
+    out = Path(cfg.out) if cfg.out else None
+    if out and out.exists() and not out.is_dir():
+        raise PenwrightError(f"--out {out} is a file; give a folder for the report")
+    for spec in cfg.model:
+        sources.resolve(spec)  # a missing model directory fails now, not after the first model's scores
+    docs, source, train_texts, train_source = held_out(cfg)
+    report = {"held_out": {"source": source, "documents": len(docs), "training_text": train_source},
+              "settings": {k: v for k, v in asdict(cfg).items() if k not in ("model", "out")},
+              "models": {}}
+    for spec in cfg.model:
+        log(f"evaluating {spec}")
+        writer = load(spec, cfg.precision, cfg.device, log=lambda *_: None)  # long prompts are cut on purpose
+        writer.context = trained_context(spec, writer.context)
+        report["models"][spec] = score(writer, docs, cfg, train_texts, label_test=True)
+        del writer
+    if out:
+        write_report(report, out, [m for m in cfg.model if _is_run(m)])
+        log(f"report written to {out}")
+    return report
+
+
+def score(writer: Writer, docs: list[Document], cfg: EvalConfig, train_texts: list[str] | None = None,
+          label_test: bool = False) -> dict:
+    """Every metric for one model; the memorisation and label tests only where they apply."""
+    cases = continuation_cases(docs, cfg.holdout_words, cfg.max_documents)
+    result = {"perplexity": perplexity(writer, docs, cfg.stride, cfg.batch_size)}
+    # The prompt keeps at least half the context: the ending depends on what came before.
+    sampling = replace(cfg.sampling(), max_new_tokens=min(cfg.max_new_tokens, writer.context // 2))
+    samples = write_continuations(writer, cases, sampling)
+    endings = [" ".join(s.split()[:cfg.holdout_words]) for s in samples]
+    per_case = [samples[i:i + cfg.num_samples] for i in range(0, len(samples), cfg.num_samples)]
+    result["continuation"] = {**overlap(endings, [c.ending for c in cases for _ in range(cfg.num_samples)]),
+                              "documents": len(cases), "holdout_words": cfg.holdout_words,
+                              "max_new_tokens": sampling.max_new_tokens,
+                              "too_short_documents": sum(len(d.text.split()) <= cfg.holdout_words for d in docs)}
+    result["diversity"] = diversity(per_case)
+    result["memorisation"] = memorisation(writer.tokenizer, samples, train_texts) if train_texts else None
+    result["label_control"] = label_control(writer, docs, cfg) if label_test else None
+    result["examples"] = [{"prompt_end": c.prompt[-200:], "reference": c.ending, "generated": e}
+                          for c, e in zip(cases[:EXAMPLES], endings[::cfg.num_samples])]
+    return result
+
+
+# --- the held-out text ------------------------------------------------------------------------
+
+def held_out(cfg: EvalConfig) -> tuple[list[Document], str, list[str] | None, str | None]:
+    """Held-out documents and training texts: --data/--train-data, else the first run dir's splits."""
+    run = next((m for m in cfg.model if _is_run(m)), None)
+    run_corpus = _run_corpus(run) if run and not (cfg.data and cfg.train_data) else None
+    if cfg.data:
+        docs, source = read_documents(Path(cfg.data), cfg)[1], cfg.data
+    elif run_corpus:
+        docs, source = run_corpus.val, f"validation split of {run}"
+    else:
+        raise PenwrightError("no held-out text: pass --data HELD_OUT, "
+                             "or a run dir as --model to use its validation split")
+    if not docs:
+        hint = "" if cfg.data else " (it was trained with --val-fraction 0)"
+        raise PenwrightError(f"{source}: no held-out text{hint}; pass --data with text the models did not train on")
+    if cfg.train_data:
+        return docs, source, [d.text for d in read_documents(Path(cfg.train_data), cfg)[1]], cfg.train_data
+    if run_corpus:
+        return docs, source, [d.text for d in run_corpus.train], f"training split of {run}"
+    return docs, source, None, None
+
+
+def _is_run(spec: str) -> bool:
+    return RunDir(Path(spec)).read_config() is not None
+
+
+def _run_corpus(run: str):
+    """The train/validation split a run dir was trained on, read again with its own settings."""
+    saved = RunDir(Path(run)).read_config()
+    cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+    try:
+        return load_corpus(cfg)
+    except PenwrightError as e:
+        raise PenwrightError(f"{run} was trained on {cfg.data}, which cannot be read now ({e}); "
+                             "pass --data HELD_OUT (and --train-data TRAIN)") from None
+
+
+def trained_context(spec: str, context: int) -> int:
+    """A run dir's training block size, else `context`: a model trained from scratch on short
+    blocks never learned the positions past them."""
+    try:
+        return min(context, int(json.loads((Path(spec) / RUN_FILE).read_text())["block_size"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return context
+
+
+# --- perplexity -------------------------------------------------------------------------------
+
+def perplexity(writer: Writer, docs: list[Document], stride: int | None = None, batch_size: int = 8) -> dict:
+    """Token-weighted perplexity and bits per byte of the documents' text.
+
+    Documents are laid out as in training (EOS, label token if the model knows it, prompt, text)
+    and only the text's tokens are scored, so every model is judged on the same bytes.
+    """
+    from tqdm.auto import tqdm
+
+    tokens, scored = _stream(writer, docs)
+    context = writer.context
+    stride = min(stride or context // 2, context)
+    plan = windows(len(tokens), context, stride)
+    data = torch.from_numpy(tokens)
+    nats = torch.zeros((), dtype=torch.float64)
+    model, was_training = writer.model, writer.model.training
+    model.eval()
+    bar = tqdm(total=len(plan), desc="perplexity", unit="window", leave=False, **_bar_settings())
+    try:
+        for at in range(0, len(plan), batch_size):
+            batch = plan[at:at + batch_size]
+            x = torch.stack([data[start:end] for start, end, _ in batch]).to(writer.device)
+            y = torch.stack([data[start + 1:end + 1] for start, end, _ in batch]).to(writer.device)
+            keep = torch.stack([torch.from_numpy(scored[start + 1:end + 1]) & (torch.arange(start, end) >= first)
+                                for start, end, first in batch]).to(writer.device)
+            with torch.inference_mode(), torch.autocast(writer.device.type, dtype=writer.autocast,
+                                                        enabled=writer.autocast is not None):
+                logits = model(input_ids=x, use_cache=False).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none")
+            nats += (loss * keep.flatten()).double().sum().cpu()
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        model.train(was_training)
+    count = int(scored.sum())
+    size = sum(len(d.text.encode()) for d in docs)
+    loss = nats.item() / max(count, 1)
+    return {"perplexity": math.exp(min(loss, 50)), "bits_per_byte": nats.item() / math.log(2) / max(size, 1),
+            "loss": loss, "tokens": count, "bytes": size, "context": context, "stride": stride}
+
+
+def _stream(writer: Writer, docs: list[Document]) -> tuple[np.ndarray, np.ndarray]:
+    """All documents as one token stream, and which of its tokens are text to be scored."""
+    eos = writer.tokenizer.eos_token_id
+    texts = encode_texts(writer.tokenizer, [d.text for d in docs])
+    prompts = encode_texts(writer.tokenizer, [d.prompt or "" for d in docs])
+    tokens, scored = [], []
+    for doc, text, prompt in zip(docs, texts, prompts):
+        head = [eos] + ([writer.labels[doc.label]] if doc.label in writer.labels else []) + prompt.tolist()
+        tokens += [np.asarray(head, np.int64), text]
+        scored += [np.zeros(len(head), bool), np.ones(len(text), bool)]
+    return np.concatenate(tokens), np.concatenate(scored)
+
+
+def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first): feed tokens[start:end] and score the predictions made at positions
+    first..end-1 (of tokens first+1..end). Each of tokens 1..n-1 is scored exactly once, the
+    later ones with at least context - stride tokens before them."""
+    plan, first, end = [], 0, min(context, n - 1)
+    while end > first:
+        plan.append((max(0, end - context), end, first))
+        first, end = end, min(end + stride, n - 1)
+    return plan
+
+
+# --- the continuation test --------------------------------------------------------------------
+
+@dataclass
+class Case:
+    prompt: str  # the document without its ending
+    ending: str  # the held-back words, joined by single spaces
+    label: str | None
+
+
+def continuation_cases(docs: list[Document], words: int, limit: int) -> list[Case]:
+    """Split the last `words` words off each document that has more, for at most `limit` documents."""
+    cases = []
+    for doc in docs:
+        starts = [m.start() for m in re.finditer(r"\S+", doc.text)]
+        if len(starts) > words:
+            cut = starts[-words]
+            prompt, ending = (doc.prompt or "") + doc.text[:cut].rstrip(), " ".join(doc.text[cut:].split())
+            cases.append(Case(prompt, ending, doc.label))
+    if not cases:
+        longest = max(len(d.text.split()) for d in docs)
+        raise PenwrightError(f"--holdout-words {words} leaves nothing to continue from: the longest held-out "
+                             f"document has {longest} words; use --holdout-words {max(1, longest // 4)} "
+                             "or longer documents")
+    picked = np.unique(np.linspace(0, len(cases) - 1, min(limit, len(cases))).round().astype(int))
+    return [cases[i] for i in picked]
+
+
+def write_continuations(writer: Writer, cases: list[Case], sampling: SampleConfig) -> list[str]:
+    """`num_samples` continuations per case, in case order, each conditioned on its case's label."""
+    from tqdm.auto import tqdm
+
+    per_label: dict[str | None, list[int]] = {}
+    for i, case in enumerate(cases):
+        per_label.setdefault(case.label, []).append(i)
+    chunk = max(1, sampling.batch_size // sampling.num_samples)
+    calls = [ids[at:at + chunk] for ids in per_label.values() for at in range(0, len(ids), chunk)]
+    texts = [""] * (len(cases) * sampling.num_samples)
+    with tqdm(total=len(cases), desc="continuations", unit="doc", leave=False, **_bar_settings()) as bar:
+        for n, group in enumerate(calls):  # small calls with one label each, so the bar moves
+            label = cases[group[0]].label
+            settings = replace(sampling, label=label if label in writer.labels else None,
+                               seed=None if sampling.seed is None else sampling.seed + n)
+            made = writer.samples([cases[i].prompt for i in group], settings)
+            for k, i in enumerate(group):
+                for j in range(sampling.num_samples):
+                    texts[i * sampling.num_samples + j] = made[k * sampling.num_samples + j].text
+            bar.update(len(group))
+    return texts
+
+
+def overlap(generated: list[str], references: list[str]) -> dict:
+    """Corpus-level and mean sentence-level BLEU and chrF of `generated` against `references`."""
+    from sacrebleu.metrics import BLEU, CHRF
+
+    bleu, chrf, sentence_bleu = BLEU(), CHRF(), BLEU(effective_order=True)
+    return {"bleu": bleu.corpus_score(generated, [references]).score,
+            "chrf": chrf.corpus_score(generated, [references]).score,
+            "sentence_bleu": float(np.mean([sentence_bleu.sentence_score(g, [r]).score
+                                            for g, r in zip(generated, references)])),
+            "sentence_chrf": float(np.mean([chrf.sentence_score(g, [r]).score for g, r in zip(generated, references)]))}
+
+
+# --- diversity, copying, labels ---------------------------------------------------------------
+
+def diversity(groups: list[list[str]]) -> dict:
+    """distinct-n over all samples (unique n-grams / n-grams), self-BLEU among each prompt's samples."""
+    from sacrebleu.metrics import BLEU
+
+    words = [s.split() for group in groups for s in group]
+    out = {}
+    for n in (1, 2, 3):
+        grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
+        out[f"distinct_{n}"] = len(set(grams)) / len(grams) if grams else None
+    bleu = BLEU(effective_order=True)
+    scores = [bleu.sentence_score(s, group[:i] + group[i + 1:]).score
+              for group in groups if len(group) > 1 for i, s in enumerate(group)]
+    out["self_bleu"] = float(np.mean(scores)) if scores else None  # needs --num-samples 2 or more
+    return out
+
+
+def memorisation(tokenizer, samples: list[str], train_texts: list[str]) -> dict:
+    """Per sample, the longest run of its tokens found verbatim in the training text."""
+    eos = np.array([tokenizer.eos_token_id], np.int64)
+    corpus = np.concatenate([part for ids in encode_texts(tokenizer, train_texts) for part in (eos, ids)])
+    queries = encode_texts(tokenizer, samples)
+    finder = CopyFinder(corpus, depth=max([1, *map(len, queries)]))
+    longest = [finder.longest_copy(q) for q in queries]
+    return {"longest_copy": max(longest), "mean_longest_copy": float(np.mean(longest)),
+            f"share_with_{COPY_TOKENS}_token_copy": float(np.mean([n >= COPY_TOKENS for n in longest])),
+            "training_tokens": len(corpus)}
+
+
+class CopyFinder:
+    """Longest common substrings with a fixed token array, via a suffix array built with numpy.
+
+    Suffixes are sorted by their first `depth` tokens by prefix doubling (one argsort per
+    doubling, so about log2(depth) sorts), and a query is binary-searched for all its suffixes at
+    once. Copies are measured up to `depth` tokens.
+    """
+
+    def __init__(self, tokens: np.ndarray, depth: int):
+        self.depth = depth
+        self.order = _suffix_array(np.asarray(tokens, np.int64), depth)
+        self.padded = np.concatenate([np.asarray(tokens, np.int64), np.full(depth, -1)])  # -1: past the end
+
+    def longest_copy(self, query) -> int:
+        query = np.asarray(query, np.int64)
+        m, n = len(query), len(self.order)
+        if m == 0 or n == 0:
+            return 0
+        width = min(m, self.depth)
+        index = np.arange(m)[:, None] + np.arange(width)
+        suffixes = np.where(index < m, query[np.minimum(index, m - 1)], -2)  # -2: the query ended
+        lo, hi = np.zeros(m, np.int64), np.full(m, n, np.int64)
+        while (lo < hi).any():
+            mid = np.minimum((lo + hi) // 2, n - 1)
+            less = _less(self._prefixes(mid, width), suffixes)
+            active = lo < hi
+            lo = np.where(active & less, mid + 1, lo)
+            hi = np.where(active & ~less, mid, hi)
+        # The longest match of each suffix is with a neighbour of its place in the sorted order.
+        best = [(self._prefixes(np.clip(at, 0, n - 1), width) == suffixes).cumprod(1).sum(1) for at in (lo - 1, lo)]
+        return int(np.maximum(*best).max())
+
+    def _prefixes(self, rows: np.ndarray, width: int) -> np.ndarray:
+        return self.padded[self.order[rows][:, None] + np.arange(width)]
+
+
+def _suffix_array(tokens: np.ndarray, depth: int) -> np.ndarray:
+    """Start positions of the suffixes, sorted by their first `depth` tokens (shorter first)."""
+    n = len(tokens)
+    rank = np.unique(tokens, return_inverse=True)[1].astype(np.int64)
+    order = np.argsort(rank, kind="stable")
+    width = 1
+    while width < depth and n and rank.max() < n - 1:  # stop once every prefix is distinct
+        after = np.zeros(n, np.int64)  # rank + 1 of the suffix `width` further on, 0 past the end
+        after[:max(0, n - width)] = rank[width:] + 1
+        key = rank * (n + 1) + after
+        order = np.argsort(key)
+        ordered = key[order]
+        rank = np.empty(n, np.int64)
+        rank[order] = np.concatenate([[0], np.cumsum(ordered[1:] != ordered[:-1])])
+        width *= 2
+    return order
+
+
+def _less(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise lexicographic a < b."""
+    differ = a != b
+    first = differ.argmax(1)
+    rows = np.arange(len(a))
+    return differ.any(1) & (a[rows, first] < b[rows, first])
+
+
+def label_control(writer: Writer, docs: list[Document], cfg: EvalConfig) -> dict | None:
+    """How often a TF-IDF + logistic-regression classifier, trained on the held-out texts,
+    recognises the label each of the model's labelled samples was written for."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+
+    labelled = [d for d in docs if d.label is not None]
+    classes = sorted({d.label for d in labelled})
+    known = [c for c in classes if c in writer.labels]
+    if len(classes) < 2 or not known:
+        return None  # unlabelled data, or a model without control tokens for these labels
+    classifier = make_pipeline(TfidfVectorizer(sublinear_tf=True, ngram_range=(1, 2)),
+                               LogisticRegression(max_iter=1000))
+    classifier.fit([d.text for d in labelled], [d.label for d in labelled])
+    sampling = replace(cfg.sampling(), num_samples=cfg.label_samples)
+    per_label = {}
+    for label in known:
+        texts = [s.text for s in writer.samples([None], replace(sampling, label=label))]
+        per_label[label] = float(np.mean(classifier.predict(texts) == label))
+    return {"accuracy": float(np.mean(list(per_label.values()))), "chance": 1 / len(classes),
+            "per_label": per_label, "samples_per_label": cfg.label_samples}
+
+
+def end_of_training(writer: Writer, cfg: TrainConfig, log=print) -> dict:
+    """`train --eval-at-end`: perplexity and the continuation test on the validation split, as card rows."""
+    try:
+        docs = load_corpus(cfg).val
+        if not docs:
+            raise PenwrightError("there is no validation split")
+        writer.context = trained_context(cfg.out, writer.context)
+        result = score(writer, docs, EvalConfig(model=[str(cfg.out)], seed=cfg.seed, batch_size=cfg.batch_size))
+    except PenwrightError as e:
+        log(f"--eval-at-end skipped: {e}")
+        return {}
+    ppl, cont = result["perplexity"], result["continuation"]
+    return {"eval perplexity (sliding window)": f"{ppl['perplexity']:.2f}",
+            "eval bits per byte": f"{ppl['bits_per_byte']:.4f}",
+            f"continuation BLEU / chrF (last {cont['holdout_words']} words of {cont['documents']} documents)":
+                f"{cont['bleu']:.2f} / {cont['chrf']:.2f}"}
+
+
+# --- the report -------------------------------------------------------------------------------
+
+COLUMNS = [  # (heading, path into a model's results, format)
+    ("perplexity", ("perplexity", "perplexity"), "{:.2f}"),
+    ("bits/byte", ("perplexity", "bits_per_byte"), "{:.3f}"),
+    ("BLEU", ("continuation", "bleu"), "{:.2f}"),
+    ("chrF", ("continuation", "chrf"), "{:.2f}"),
+    ("distinct-1", ("diversity", "distinct_1"), "{:.3f}"),
+    ("distinct-2", ("diversity", "distinct_2"), "{:.3f}"),
+    ("distinct-3", ("diversity", "distinct_3"), "{:.3f}"),
+    ("self-BLEU", ("diversity", "self_bleu"), "{:.2f}"),
+    ("longest copy", ("memorisation", "longest_copy"), "{} tokens"),
+    (f">= {COPY_TOKENS}-token copy", ("memorisation", f"share_with_{COPY_TOKENS}_token_copy"), "{:.0%}"),
+    ("label accuracy", ("label_control", "accuracy"), "{:.0%}"),
+]
+
+
+def _cell(result: dict, path: tuple[str, str], fmt: str) -> str:
+    value = (result.get(path[0]) or {}).get(path[1])
+    return "-" if value is None else fmt.format(value)
+
+
+def table(report: dict):
+    """The comparison as a rich table for the terminal: one row per metric, one column per model."""
+    from rich.table import Table
+
+    grid = Table(title=f"penwright eval on {report['held_out']['source']}")
+    grid.add_column("metric")
+    for name in report["models"]:
+        grid.add_column(name, justify="right", overflow="fold")
+    for heading, path, fmt in COLUMNS:
+        grid.add_row(heading, *(_cell(result, path, fmt) for result in report["models"].values()))
+    return grid
+
+
+def write_report(report: dict, out: Path, runs: list[str]) -> None:
+    """report.json, report.md, and charts of perplexity, BLEU and the training losses of run dirs."""
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(report["models"])
+    charts = {"perplexity.png": ("perplexity", [report["models"][n]["perplexity"]["perplexity"] for n in names]),
+              "bleu.png": ("continuation BLEU", [report["models"][n]["continuation"]["bleu"] for n in names])}
+    for file, (metric, values) in charts.items():
+        _bar_chart(names, values, metric, out / file)
+    curves = {run: read_metrics(Path(run) / "metrics.jsonl") for run in runs}
+    if any(curves.values()):
+        plot_losses(curves, out / "loss.png")
+        charts["loss.png"] = ("training loss", [])
+    files.write_text(out / "report.json", json.dumps(report, indent=2))
+    files.write_text(out / "report.md", _markdown(report, list(charts)))
+
+
+def _bar_chart(names: list[str], values: list[float], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)), dpi=110)
+    bars = ax.barh(names, values, color="#4c72b0")  # horizontal: long model paths stay readable
+    ax.bar_label(bars, fmt="%.2f", padding=3)
+    ax.invert_yaxis()  # first model on top, as in the table
+    ax.set_xlabel(metric)
+    ax.set_title(f"{metric} per model")
+    ax.margins(x=0.15)
+    fig.tight_layout()
+    with files.replacing(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _markdown(report: dict, charts: list[str]) -> str:
+    held, settings = report["held_out"], report["settings"]
+    lines = ["# penwright eval", "",
+             f"Held-out text: {held['source']} ({held['documents']} documents). "
+             f"Copies are looked for in: {held['training_text'] or 'nothing (pass --train-data)'}.", "",
+             "| metric | " + " | ".join(f"`{name}`" for name in report["models"]) + " |",
+             "| --- |" + " ---: |" * len(report["models"])]
+    for heading, path, fmt in COLUMNS:
+        lines.append(f"| {heading} | " + " | ".join(_cell(r, path, fmt) for r in report["models"].values()) + " |")
+    sampling = ", ".join(f"{k} {settings[k]}" for k in ("temperature", "top_k", "top_p", "repetition_penalty",
+                                                        "greedy", "max_new_tokens", "num_samples", "seed"))
+    lines += ["", "## How these were measured", "",
+              "- **perplexity** and **bits per byte**: sliding window over the held-out text (stride "
+              f"{settings['stride'] or 'half the context'}); only the documents' text is scored, "
+              "not labels or prompts.",
+              f"- **BLEU** and **chrF** (sacrebleu, 0-100): the last {settings['holdout_words']} words of each "
+              "document were held back and written by the model from the rest; corpus-level scores.",
+              f"- Sampling: {sampling} (new tokens are capped at half of each model's context).",
+              "- **distinct-n**: unique n-word sequences / n-word sequences over all samples; **self-BLEU**: BLEU of "
+              "each sample against the other samples for the same document (lower is more varied).",
+              f"- **longest copy**: the longest run of a sample's tokens found verbatim in the training text; "
+              f"**>= {COPY_TOKENS}-token copy**: share of samples holding such a copy (reciting, not writing).",
+              "- **label accuracy**: share of samples written for a label that a TF-IDF + logistic-regression "
+              "classifier trained on the held-out texts assigns to that label.", ""]
+    lines += [f"![{name}]({name})" for name in charts] + [""]
+    for name, result in report["models"].items():
+        cont, labels = result["continuation"], result["label_control"]
+        lines += [f"## {name}", "", f"Continuation test on {cont['documents']} documents "
+                  f"({cont['too_short_documents']} had {cont['holdout_words']} words or fewer), "
+                  f"at most {cont['max_new_tokens']} new tokens each."]
+        if labels:
+            per_label = ", ".join(f"{k} {v:.0%}" for k, v in labels["per_label"].items())
+            lines.append(f"Label control: {labels['accuracy']:.0%} recognised "
+                         f"(chance {labels['chance']:.0%}): {per_label}.")
+        lines.append("")
+        for example in result["examples"]:
+            lines += [f"> ...{_one_line(example['prompt_end'][-120:])}", ">", f"> **real:** {example['reference']}",
+                      ">", f"> **written:** {_one_line(example['generated'])}", ""]
+    return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _bar_settings() -> dict:
+    return {"dynamic_ncols": True, "mininterval": 0.5 if sys.stderr.isatty() else 30}

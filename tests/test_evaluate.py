@@ -1,0 +1,198 @@
+"""penwright eval: perplexity, continuation scores, diversity, copying, label control and the report."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import sample_rows, tiny_config
+from penwright import EvalConfig, PenwrightError, evaluate, train
+from penwright.cli import main
+from penwright.corpus import Document
+from penwright.evaluation import CopyFinder, diversity, overlap, perplexity, windows
+from penwright.generate import Writer, load
+
+quiet = dict(log=lambda *_: None)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread: tiny models gain nothing from two, and lose a lot when other tests share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def recited(tmp_path_factory):
+    """A tiny model trained until it recites its one story (nine copies to learn, one held out),
+    with --eval-at-end. Returns (run dir, corpus folder, held-out file)."""
+    folder = tmp_path_factory.mktemp("recite")
+    story = sample_rows()[0]["synopsis"]
+    (folder / "corpus").mkdir()
+    for i in range(10):
+        (folder / "corpus" / f"{i}.txt").write_text(story + "\n")
+    (folder / "held_out.txt").write_text(story + "\n")
+    run = train(tiny_config(folder / "corpus", folder / "run", vocab_size=300, block_size=128, batch_size=2,
+                            max_steps=120, lr=2e-3, warmup_steps=0, eval_at_end=True), **quiet)
+    return run, folder / "corpus", folder / "held_out.txt"
+
+
+# --- perplexity -------------------------------------------------------------------------------
+
+def test_sliding_windows_score_every_token_once_within_the_context():
+    for n in range(2, 40):
+        for context in (1, 4, 7, 16):
+            for stride in range(1, context + 1):
+                plan = windows(n, context, stride)
+                assert [p + 1 for _, end, first in plan for p in range(first, end)] == list(range(1, n))
+                assert all(end - start <= context and start <= first for start, end, first in plan)
+
+
+def test_perplexity_matches_a_direct_computation(tiny_run):
+    writer = load(str(tiny_run), "fp32", "cpu", **quiet)
+    text = "When the lights went out, the old house began to sing."
+    got = perplexity(writer, [Document(text)])
+    ids = torch.tensor([[writer.tokenizer.eos_token_id] + writer.tokenizer.encode(text, add_special_tokens=False)])
+    with torch.no_grad():
+        losses = F.cross_entropy(writer.model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
+    assert got["tokens"] == ids.shape[1] - 1
+    assert got["perplexity"] == pytest.approx(losses.mean().exp().item(), rel=1e-4)
+    assert got["bits_per_byte"] == pytest.approx(losses.sum().item() / np.log(2) / len(text.encode()), rel=1e-4)
+
+
+def test_sliding_window_with_stride_one_predicts_each_token_from_the_full_context(tiny_run):
+    """With stride 1 every token past the first window sees exactly `context` tokens before it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = load(str(tiny_run), "fp32", "cpu", **quiet).tokenizer
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=12)
+    model = GPT2LMHeadModel(config).eval()
+    writer = Writer(model, tokenizer, **quiet)
+    text = sample_rows()[3]["synopsis"][:150]
+    ids = [tokenizer.eos_token_id] + tokenizer.encode(text, add_special_tokens=False)
+    expected = []
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            context = torch.tensor([ids[max(0, t - 12):t]])
+            expected.append(F.cross_entropy(model(input_ids=context).logits[0, -1:], torch.tensor([ids[t]])).item())
+    got = perplexity(writer, [Document(text)], stride=1, batch_size=5)
+    assert len(ids) > 30 and got["stride"] == 1
+    assert got["loss"] == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+# --- scores -----------------------------------------------------------------------------------
+
+def test_an_identical_ending_scores_100_and_a_different_one_scores_low():
+    ending = "and to a second chance at love she never expected"
+    same = overlap([ending, ending], [ending, ending])
+    assert same["bleu"] == pytest.approx(100) and same["chrf"] == pytest.approx(100)
+    assert same["sentence_bleu"] == pytest.approx(100)
+    other = overlap(["the ship drifted past the moons of Jupiter"], [ending])
+    assert other["bleu"] < 5 and other["chrf"] < 30
+
+
+def test_diversity_tells_repetition_from_variety():
+    repeated = diversity([["the cat sat on the mat"] * 3])
+    varied = diversity([["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn today"]])
+    assert repeated["self_bleu"] == pytest.approx(100) and varied["self_bleu"] < 20
+    assert repeated["distinct_2"] == pytest.approx(5 / 15) and varied["distinct_2"] == 1.0
+    assert diversity([["one"], ["two"]])["self_bleu"] is None  # one sample per prompt: nothing to compare
+
+
+def test_copy_finder_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        corpus = rng.integers(0, rng.integers(1, 4), rng.integers(0, 50))
+        query = rng.integers(0, 3, rng.integers(0, 15))
+        depth = int(rng.integers(1, 20))
+        best = max([k for i in range(len(query)) for j in range(len(corpus)) for k in range(1, len(query) - i + 1)
+                    if j + k <= len(corpus) and np.array_equal(query[i:i + k], corpus[j:j + k])], default=0)
+        assert CopyFinder(corpus, depth).longest_copy(query) == min(best, depth)
+
+
+def test_copy_finder_finds_a_copied_run_in_a_large_corpus():
+    rng = np.random.default_rng(1)
+    corpus = rng.integers(0, 5000, 200_000)
+    novel = rng.integers(5000, 6000, 40)  # tokens the corpus never holds
+    sample = np.concatenate([novel[:20], corpus[123_456:123_456 + 57], novel[20:]])
+    finder = CopyFinder(corpus, depth=len(sample))
+    assert finder.longest_copy(sample) == 57
+    assert finder.longest_copy(novel) == 0
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+def test_two_models_compare_in_one_report_and_the_reciter_is_caught_copying(recited, tiny_run, tmp_path):
+    run, corpus, held_out = recited
+    out = tmp_path / "report"
+    report = evaluate(EvalConfig(model=[str(run), str(tiny_run)], data=str(held_out), train_data=str(corpus),
+                                 holdout_words=30, greedy=True, num_samples=1, out=str(out)), **quiet)
+    reciter, other = report["models"][str(run)], report["models"][str(tiny_run)]
+    assert reciter["memorisation"]["share_with_50_token_copy"] == 1.0
+    assert reciter["memorisation"]["longest_copy"] >= 50
+    assert other["memorisation"]["share_with_50_token_copy"] == 0.0
+    assert reciter["continuation"]["bleu"] > 30 > other["continuation"]["bleu"]
+    assert reciter["perplexity"]["bits_per_byte"] < 0.5 < other["perplexity"]["bits_per_byte"]
+    assert json.loads((out / "report.json").read_text())["models"].keys() == report["models"].keys()
+    markdown = (out / "report.md").read_text()
+    assert str(run) in markdown and str(tiny_run) in markdown and "![loss.png](loss.png)" in markdown
+    for chart in ("perplexity.png", "bleu.png", "loss.png"):
+        assert (out / chart).read_bytes()[:4] == b"\x89PNG"
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_eval_at_end_adds_scores_to_the_model_card(recited):
+    run, _, _ = recited
+    card = (run / "README.md").read_text()
+    assert "eval perplexity (sliding window)" in card and "continuation BLEU / chrF" in card
+
+
+def test_cli_defaults_to_the_run_dirs_validation_split_and_tests_labels(tiny_run, tmp_path, capsys):
+    out = tmp_path / "report"
+    code = main(["eval", "--model", str(tiny_run), "--holdout-words", "10", "--max-documents", "3",
+                 "--num-samples", "2", "--max-new-tokens", "24", "--label-samples", "2", "--out", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "bits/byte" in printed and "label accuracy" in printed
+    report = json.loads((out / "report.json").read_text())
+    result = report["models"][str(tiny_run)]
+    assert report["held_out"]["source"] == f"validation split of {tiny_run}"
+    assert result["continuation"]["documents"] == 3 and result["diversity"]["self_bleu"] is not None
+    assert result["memorisation"]["training_tokens"] > 5000
+    labels = result["label_control"]
+    assert set(labels["per_label"]) == {"comedy", "fantasy", "horror", "mystery", "romance", "scifi"}
+    assert 0 <= labels["accuracy"] <= 1 and labels["chance"] == pytest.approx(1 / 6)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+def test_bad_inputs_give_clear_errors(tiny_run, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    short = tmp_path / "short.txt"
+    short.write_text("Only five words are here.\n")
+    with pytest.raises(PenwrightError, match="no held-out text"):
+        evaluate(EvalConfig(model=[str(tiny_run)], data=str(empty)), **quiet)
+    with pytest.raises(PenwrightError, match="--holdout-words 20 leaves nothing to continue from: "
+                                             "the longest held-out document has 5 words"):
+        evaluate(EvalConfig(model=[str(tiny_run)], data=str(short)), **quiet)
+    with pytest.raises(PenwrightError, match="no held-out text: pass --data"):
+        evaluate(EvalConfig(model=["gpt2"]), **quiet)
+    with pytest.raises(PenwrightError, match="no model given"):
+        EvalConfig(data=str(short))
+    with pytest.raises(PenwrightError, match="--holdout-words must be at least 1"):
+        EvalConfig(model=["gpt2"], holdout_words=0)
+
+
+def test_cli_bad_input_exits_2_with_one_line(tiny_run, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["eval", "--model", str(tiny_run), "--data", str(empty), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("penwright: error:") and "no held-out text" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
