@@ -52,14 +52,22 @@ def test_sliding_windows_score_every_token_once_within_the_context():
                 assert all(end - start <= context and start <= first for start, end, first in plan)
 
 
-def test_perplexity_matches_a_direct_computation(tiny_run):
+@pytest.mark.parametrize("label, prompt", [(None, None), ("horror", "Title: The Cellar\nStory:")])
+def test_perplexity_matches_a_direct_computation(tiny_run, label, prompt):
+    """Only the text is scored; the label's control token and the prompt are context."""
     writer = load(str(tiny_run), "fp32", "cpu", **quiet)
     text = "When the lights went out, the old house began to sing."
-    got = perplexity(writer, [Document(text)])
-    ids = torch.tensor([[writer.tokenizer.eos_token_id] + writer.tokenizer.encode(text, add_special_tokens=False)])
+    got = perplexity(writer, [Document(text, label, prompt)])
+
+    def encode(s):
+        return writer.tokenizer.encode(s, add_special_tokens=False)
+
+    head = [writer.tokenizer.eos_token_id] + ([writer.labels[label]] if label else []) + encode(prompt or "")
+    ids = torch.tensor([head + encode(text)])
     with torch.no_grad():
         losses = F.cross_entropy(writer.model(input_ids=ids).logits[0, :-1], ids[0, 1:], reduction="none")
-    assert got["tokens"] == ids.shape[1] - 1
+    losses = losses[len(head) - 1:]  # the predictions of the text's tokens
+    assert got["tokens"] == len(encode(text)) == len(losses)
     assert got["perplexity"] == pytest.approx(losses.mean().exp().item(), rel=1e-4)
     assert got["bits_per_byte"] == pytest.approx(losses.sum().item() / np.log(2) / len(text.encode()), rel=1e-4)
 

@@ -379,8 +379,10 @@ def end_of_training(writer: Writer, cfg: TrainConfig, log=print) -> dict:
         docs = load_corpus(cfg).val
         if not docs:
             raise PenwrightError("there is no validation split")
-        writer.context = trained_context(cfg.out, writer.context)
-        result = score(writer, docs, EvalConfig(model=[str(cfg.out)], seed=cfg.seed, batch_size=cfg.batch_size))
+        # The training model, quiet about prompts cut to fit: that is what the test wants.
+        quiet = Writer(writer.model, writer.tokenizer, writer.autocast, log=lambda *_: None)
+        quiet.context = trained_context(cfg.out, quiet.context)
+        result = score(quiet, docs, EvalConfig(model=[str(cfg.out)], seed=cfg.seed, batch_size=cfg.batch_size))
     except PenwrightError as e:
         log(f"--eval-at-end skipped: {e}")
         return {}
