@@ -42,10 +42,15 @@ def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = 
         _check_weights(Path(source.path), allow_pickle)
     safetensors_only = None if "gguf_file" in source.kwargs or allow_pickle else True
     try:
-        return sources.load_pretrained(AutoModelForCausalLM, source, dtype=dtype, use_safetensors=safetensors_only,
-                                       trust_remote_code=trust_remote_code, attn_implementation="sdpa")
+        model = sources.load_pretrained(AutoModelForCausalLM, source, dtype=dtype, use_safetensors=safetensors_only,
+                                        trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     except ValueError as e:  # e.g. an architecture that is not a causal LM
         raise PenwrightError(f"{spec}: cannot load as a causal language model ({sources.first_line(e)})") from None
+    if "gguf_file" in source.kwargs:
+        # GGUF weights arrive de-quantized to `dtype`: a plain model, which may then be saved as one.
+        model.hf_quantizer = None
+        model.config.__dict__.pop("quantization_config", None)
+    return model
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:
