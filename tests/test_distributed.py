@@ -8,11 +8,12 @@ whole global batch, and 2 processes with batch B follow 1 process with batch 2B 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 
 from penwright import TrainConfig, train
 from penwright.cli import as_flags
+from penwright.runs import read_metrics
 
 quiet = dict(log=lambda *_: None)
 STEPS, SAVE_AT = 6, 3
@@ -34,8 +36,7 @@ def base_config(data: Path, model: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def losses(run: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
 
 
 def penwright(*argv: str) -> subprocess.CompletedProcess:
@@ -117,3 +118,26 @@ def test_as_flags_rebuilds_the_config(stories_txt, tiny_base):
     rebuilt = args.pop("config")(**{k: v for k, v in args.items() if k != "command"})
     assert rebuilt == cfg
     assert "--nproc" not in as_flags(cfg, skip=("nproc",))
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, stories_txt, tiny_base):
+    import psutil
+
+    cfg = base_config(stories_txt, tiny_base, tmp_path / "stop", batch_size=4, max_steps=100_000, save_every=0)
+    launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 "-m", "penwright", "train", *as_flags(cfg)], stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not losses(tmp_path / "stop"):  # training has started
+            assert launcher.poll() is None and time.monotonic() < deadline, "training did not start"
+            time.sleep(0.2)
+        ranks = {p.environ().get("RANK"): p for p in psutil.Process(launcher.pid).children()}
+        ranks["1"].send_signal(signal.SIGTERM)  # rank 0 never sees a signal
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, err[-3000:]
+    step = max(losses(tmp_path / "stop"))
+    assert f"stopped by a signal to another rank at step {step}" in err
+    assert (tmp_path / "stop" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()

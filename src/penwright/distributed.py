@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import PenwrightError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -37,7 +39,11 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
     if world == 1:
         return Ranks(), device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise PenwrightError(f"{os.environ.get('LOCAL_WORLD_SIZE', local + 1)} processes on this machine but "
+                                 f"only {torch.cuda.device_count()} GPUs: start one process per GPU")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -47,11 +53,6 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def barrier(ranks: Ranks) -> None:
-    if ranks.world > 1:
-        dist.barrier()
 
 
 def share(value, ranks: Ranks):
@@ -83,7 +84,11 @@ def main_first(ranks: Ranks):
 
 
 def wrap(model: torch.nn.Module, ranks: Ranks, device: torch.device, fsdp: bool) -> torch.nn.Module:
-    """The module the training step runs: DDP around `model`, or `model` itself sharded in place by FSDP2."""
+    """`model` moved to `device`, and the module the training step runs: `model` itself, DDP around it,
+    or `model` sharded in place by FSDP2, which moves each block as it shards it, so that the whole
+    model never has to fit on one GPU."""
+    if not (fsdp and ranks.world > 1):
+        model.to(device)
     if ranks.world == 1:
         return model
     if fsdp:

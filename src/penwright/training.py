@@ -243,8 +243,8 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
     total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks.per_epoch / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, total // 20)
 
-    model.to(device).train()
-    net = distributed.wrap(model, ranks, device, cfg.fsdp)  # what the training step runs: DDP, FSDP or the model
+    model.train()
+    net = distributed.wrap(model, ranks, device, cfg.fsdp)  # on the device; what the training step runs
     sharded = cfg.fsdp and ranks.world > 1
     if cfg.fsdp and not sharded:
         log("--fsdp: a single process has nothing to shard with; training unsharded (start with torchrun or --nproc)")
