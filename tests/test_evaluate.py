@@ -204,3 +204,29 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_run, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("penwright: error:") and "no held-out text" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_copy_check_stays_fast_on_a_10_mb_corpus():
+    """10 MB of text (shuffled sentences of the sample stories, so full of repeats: the hard case
+    for prefix doubling), 2.4M tokens. On 2 CPU cores shared with other work: 8-17 s to tokenize,
+    4-8 s to build the suffix array, about 6 ms a query."""
+    import random
+    import time
+
+    from penwright.evaluation import memorisation
+    from penwright.tokens import train_tokenizer
+
+    rows = sample_rows()
+    sentences = [s.strip() + "." for r in rows for s in r["synopsis"].split(".") if s.strip()]
+    rng = random.Random(0)
+    docs = [" ".join(rng.choices(sentences, k=8)) for _ in range(11_000)]
+    assert sum(map(len, docs)) > 10_000_000
+    tokenizer = train_tokenizer([r["synopsis"] for r in rows], 4096)
+    samples = [docs[i][:600] for i in range(0, 1000, 10)]  # copied verbatim: at least 50 tokens each
+    start = time.perf_counter()
+    result = memorisation(tokenizer, samples, docs)
+    elapsed = time.perf_counter() - start
+    print(f"memorisation check on {result['training_tokens']:,} tokens: {elapsed:.1f} s")
+    assert result["share_with_50_token_copy"] == 1.0
+    assert elapsed < 60
