@@ -53,7 +53,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
         writer = load(spec, cfg.precision, cfg.device, log=lambda *_: None)  # long prompts are cut on purpose
         writer.context = trained_context(spec, writer.context)
         report["models"][spec] = score(writer, docs, cfg, train_texts, label_test=True)
-        del writer
+        del writer  # free this model before the next one loads
     if out:
         write_report(report, out, [m for m in cfg.model if _is_run(m)])
         log(f"report written to {out}")
