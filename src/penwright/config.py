@@ -6,9 +6,12 @@ library, the CLI and the server accept and refuse exactly the same values.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -30,6 +33,56 @@ def _check(ok: bool, message: str) -> None:
         raise PenwrightError(message)
 
 
+def check_types(config) -> None:
+    """Refuse a value of the wrong type, as the library API and the server can pass any.
+
+    Run first in each config's checks, so the range checks after it compare numbers with numbers.
+    """
+    for name, kind in _hints(type(config)).items():
+        value = getattr(config, name)
+        _check(_fits(value, kind), f"--{name.replace('_', '-')} must be {_describe(kind)}, got {_short(value)}")
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _fits(value, kind) -> bool:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:
+        return isinstance(value, str) and value in args
+    if origin is list:
+        return isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    if kind is float:  # an int will do; inf, nan and ints too big for a float will not
+        try:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:
+            return False
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _describe(kind) -> str:
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(args)
+    if origin is list:
+        return f"a list of {_describe(args[0])}s"
+    names = {float: "a finite number", int: "a whole number", bool: "true or false", str: "text", type(None): "unset"}
+    return names.get(kind, kind.__name__)
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 @dataclass
 class DataConfig:
     """Where the corpus is and how to read it."""
@@ -46,6 +99,7 @@ class DataConfig:
     cache_dir: str | None = opt(None, "where prepared token arrays are cached (default ~/.cache/penwright)")
 
     def __post_init__(self):
+        check_types(self)
         _check(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         _check((self.prompt_column is None) == (self.completion_column is None),
                "--prompt-column and --completion-column go together: give both or neither")
@@ -157,6 +211,7 @@ class SampleConfig:
     label: str | None = opt(None, "write in this label's style, e.g. --label horror (models trained with --label-column)")
 
     def __post_init__(self):
+        check_types(self)
         _check(self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         _check(self.greedy or (math.isfinite(self.temperature) and self.temperature > 0),
                f"--temperature must be > 0 when sampling, got {self.temperature} (use --greedy for deterministic text)")
@@ -184,6 +239,7 @@ class GenerateConfig(SampleConfig):
     output: str | None = opt(None, "also write the samples to this .jsonl file")
     precision: str = opt("auto", "auto, fp32, bf16 or fp16 (CUDA only)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    allow_pickle: bool = opt(False, "allow loading pickled .bin/.pt weights (they can run code)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -244,6 +300,7 @@ class ServeConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self):
+        check_types(self)
         if self.api_key is None:
             self.api_key = os.environ.get("PENWRIGHT_API_KEY") or None
         _check(self.api_key != "", "--api-key must not be empty")
@@ -275,5 +332,6 @@ class ExportConfig:
     out: str | None = opt(None, "new folder to write the merged HF model to")
 
     def __post_init__(self):
+        check_types(self)
         _check(self.merge is not None, "nothing to export: pass --merge runs/NAME (a run trained with --lora)")
         _check(self.out is not None, "no output folder given: pass --out DIR")

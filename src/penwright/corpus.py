@@ -9,6 +9,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import random
 import sys
 from collections import Counter
@@ -74,8 +75,8 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
     hasher = hashlib.sha256()
     for path in filter(None, (cfg.data, cfg.val_file)):
         for file in corpus_files(Path(path)):
-            data = file.read_bytes()
-            hasher.update(file.name.encode() + b"\0" + len(data).to_bytes(8, "little") + data)
+            data = _read(file)
+            hasher.update(os.fsencode(file.name) + b"\0" + len(data).to_bytes(8, "little") + data)
         hasher.update(b"\1")
     return hasher.hexdigest()
 
@@ -85,12 +86,23 @@ def read_documents(path: Path, cfg: DataConfig) -> tuple[list[Path], list[Docume
     files = corpus_files(path)
     docs: list[Document] = []
     for file in files:
-        docs += _parse(file, _decode(file, file.read_bytes(), cfg.encoding), cfg)
+        docs += _parse(file, _decode(file, _read(file), cfg.encoding), cfg)
     return files, docs
 
 
+def _read(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as e:
+        raise PenwrightError(f"{file}: cannot read ({e.strerror or e})") from None
+
+
 def corpus_files(path: Path) -> list[Path]:
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as e:  # a name too long, or with a NUL byte
+        raise PenwrightError(f"{str(path)[:100]!r}: not a usable path ({getattr(e, 'strerror', None) or e})") from None
+    if not exists:
         raise PenwrightError(f"{path}: no such file or folder")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in TEXT_SUFFIXES and p.is_file()
@@ -139,7 +151,7 @@ def _jsonl_rows(file: Path, text: str) -> list[tuple[int, dict]]:
             continue
         try:
             row = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # bad JSON, too deep, or a number too long to convert
             raise PenwrightError(f"{file}:{number}: not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(row, dict):
             raise PenwrightError(f"{file}:{number}: each JSONL line must be an object like {{\"text\": ...}}")
