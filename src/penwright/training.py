@@ -219,7 +219,7 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
         run = RunDir.claim(cfg) if ranks.main else RunDir(Path(cfg.out))
         store = prepare(cfg, log)
     # Rank 0 alone verifies the checkpoints' checksums.
-    resume_from = distributed.share(checkpoint.latest(run.path, log) if cfg.resume and ranks.main else None, ranks)
+    resume_from = distributed.share(checkpoint.latest(run.path, log) if cfg.resume and not run.replace and ranks.main else None, ranks)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dtype = pick_dtype(cfg.precision, device)
@@ -240,6 +240,8 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
         raise PenwrightError(f"--block-size {block_size} exceeds the model's context of {context_length(model)} tokens")
     settings, cfg = cfg, replace(cfg, block_size=block_size)
     blocks = _training_blocks(store, cfg, ranks.rank, ranks.world)
+    if ranks.main:
+        run.create()  # only now that data, model and settings are known to be good
     total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks.per_epoch / cfg.grad_accum))
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, total // 20)
 
