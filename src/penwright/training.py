@@ -301,18 +301,18 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
             lr = lr_at(step, cfg.peak_lr, warmup, total, cfg.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = 0
+            summed = 0  # this step's micro-batch losses
             for micro in range(cfg.grad_accum):
                 x, y = blocks.get(step * cfg.grad_accum + micro)
                 with distributed.sync_gradients(net, now=micro == cfg.grad_accum - 1):
                     with autocast(device, dtype):
                         loss = lm_loss(net, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
                     (loss / cfg.grad_accum).backward()
-                step_loss = step_loss + loss.detach()
+                summed = summed + loss.detach()
             # With --grad-clip 0 an infinite limit only measures the norm, which the guard needs.
             norm = distributed.plain(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
-            bad = guard.step(optimizer, step_loss, norm, step + 1)
-            running += torch.where(bad, 0.0, step_loss)
+            bad = guard.step(optimizer, summed, norm, step + 1)
+            running += torch.where(bad, 0.0, summed)
             good += ~bad
             optimizer.zero_grad(set_to_none=True)
             step += 1
