@@ -82,3 +82,15 @@ def test_bad_sampling_settings(settings, message):
     with pytest.raises(PenwrightError, match=message):
         SampleConfig(**settings)
     assert SampleConfig(temperature=0, greedy=True).greedy
+
+
+def test_scratch_runs_write_within_the_positions_they_learned(writer, tiny_run):
+    assert writer.context == 64 < writer.model.config.n_positions  # tiny_run trained on 64-token blocks
+
+
+def test_a_run_still_training_points_to_its_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000100").mkdir(parents=True)
+    (run / "penwright.json").write_text('{"config": {}}')
+    with pytest.raises(PenwrightError, match="training has not finished.*checkpoints/step-00000100"):
+        load(str(run))

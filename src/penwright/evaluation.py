@@ -30,7 +30,7 @@ from .config import EvalConfig, SampleConfig, TrainConfig
 from .corpus import Document, load_corpus, read_documents
 from .errors import PenwrightError
 from .generate import Writer, load
-from .runs import RUN_FILE, RunDir, plot_losses, read_metrics
+from .runs import RunDir, learned_context, plot_losses, read_metrics
 from .tokens import encode_texts
 
 COPY_TOKENS = 50  # a sample holding a verbatim copy of this many training tokens counts as reciting
@@ -51,7 +51,6 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     for spec in cfg.model:
         log(f"evaluating {spec}")
         writer = load(spec, cfg.precision, cfg.device, log=lambda *_: None)  # long prompts are cut on purpose
-        writer.context = trained_context(spec, writer.context)
         report["models"][spec] = score(writer, docs, cfg, train_texts, label_test=True)
         del writer  # free this model before the next one loads
     if out:
@@ -118,15 +117,6 @@ def _run_corpus(run: str):
     except PenwrightError as e:
         raise PenwrightError(f"{run} was trained on {cfg.data}, which cannot be read now ({e}); "
                              "pass --data HELD_OUT (and --train-data TRAIN)") from None
-
-
-def trained_context(spec: str, context: int) -> int:
-    """A run dir's training block size, else `context`: a model trained from scratch on short
-    blocks never learned the positions past them."""
-    try:
-        return min(context, int(json.loads((Path(spec) / RUN_FILE).read_text())["block_size"]))
-    except (OSError, ValueError, KeyError, TypeError):
-        return context
 
 
 # --- perplexity -------------------------------------------------------------------------------
@@ -381,7 +371,7 @@ def end_of_training(writer: Writer, cfg: TrainConfig, log=print) -> dict:
             raise PenwrightError("there is no validation split")
         # The training model, quiet about prompts cut to fit: that is what the test wants.
         quiet = Writer(writer.model, writer.tokenizer, writer.autocast, log=lambda *_: None)
-        quiet.context = trained_context(cfg.out, quiet.context)
+        quiet.context = min(quiet.context, learned_context(cfg.out) or quiet.context)
         result = score(quiet, docs, EvalConfig(model=[str(cfg.out)], seed=cfg.seed, batch_size=cfg.batch_size))
     except PenwrightError as e:
         log(f"--eval-at-end skipped: {e}")

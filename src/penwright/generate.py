@@ -225,8 +225,10 @@ def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle:
     """Load a run dir (or any HF model dir, hub id or .gguf) for writing; a LoRA run is merged into its base."""
     from . import lora
     from .models import load_model, pick_device, pick_dtype
+    from .runs import check_finished, learned_context
     from .tokens import load_tokenizer
 
+    check_finished(spec)
     target = pick_device(device)
     dtype = pick_dtype(precision, target)
     tokenizer = load_tokenizer(spec)
@@ -234,5 +236,7 @@ def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle:
         model = lora.merged(spec, tokenizer, dtype, allow_pickle).to(target)
     else:
         model = load_model(spec, allow_pickle=allow_pickle, dtype=dtype).to(target)
-    return Writer(model, tokenizer, log=log)
+    writer = Writer(model, tokenizer, log=log)
+    writer.context = min(writer.context, learned_context(spec) or writer.context)
+    return writer
 

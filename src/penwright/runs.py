@@ -118,6 +118,27 @@ class RunDir:
         files.write_text(self.path / "README.md", text)
 
 
+def learned_context(path: Path) -> int | None:
+    """The block size of a run trained from scratch: it never saw later positions, and text
+    sampled past them is noise. None for other models (pretraining taught them their context)."""
+    try:
+        info = json.loads((Path(path) / RUN_FILE).read_text())
+        return int(info["block_size"]) if info["config"]["init"] == "scratch" else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_finished(path: Path) -> None:
+    """A run dir still in training holds no final model yet: say so, and which checkpoint to use."""
+    path = Path(path)
+    if (path / RUN_FILE).is_file() and not (path / "config.json").is_file():
+        from .checkpoint import complete
+
+        newest = complete(path)
+        hint = f"use its newest checkpoint, {newest[0]}" if newest else "wait for its first checkpoint"
+        raise PenwrightError(f"{path}: training has not finished, so there is no final model yet; {hint}")
+
+
 def read_metrics(path: Path) -> list[dict]:
     try:
         lines = Path(path).read_text().splitlines()
