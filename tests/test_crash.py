@@ -137,6 +137,15 @@ def kill_and_resume(cfg: TrainConfig, kills: int, seed: int, logs: Path) -> Coun
     return tally
 
 
+@pytest.fixture
+def one_thread():
+    """Kill tests compare weights bit for bit, so every process uses one thread (the in-process
+    reference run sets it for this process: put the old count back)."""
+    threads = torch.get_num_threads()
+    yield dict(threads=1)
+    torch.set_num_threads(threads)
+
+
 def check_kills(tmp_path: Path, stories_txt: Path, kills: int, seed: int, **settings) -> Counter:
     reference = train(tiny_config(stories_txt, tmp_path / "reference", **settings), **quiet)
     cfg = tiny_config(stories_txt, tmp_path / "killed", resume=True, keep_checkpoints=2, **settings)
@@ -149,21 +158,21 @@ def check_kills(tmp_path: Path, stories_txt: Path, kills: int, seed: int, **sett
     return tally
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, stories_txt):
-    tally = check_kills(tmp_path, stories_txt, kills=2, seed=6, max_steps=24, save_every=3)
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, stories_txt, one_thread):
+    tally = check_kills(tmp_path, stories_txt, kills=2, seed=6, max_steps=24, save_every=3, **one_thread)
     assert tally["killed saving"] == 1
 
 
 @pytest.mark.soak
-def test_sigkill_20_times_then_resume_equals_uninterrupted_run(tmp_path, stories_txt):
+def test_sigkill_20_times_then_resume_equals_uninterrupted_run(tmp_path, stories_txt, one_thread):
     seed = int(os.environ.get("PENWRIGHT_SOAK_SEED", "20"))
-    check_kills(tmp_path, stories_txt, kills=20, seed=seed, max_steps=240, save_every=4)
+    check_kills(tmp_path, stories_txt, kills=20, seed=seed, max_steps=240, save_every=4, **one_thread)
 
 
 # --- SIGINT and SIGTERM ----------------------------------------------------------------------------
 
-def test_sigint_and_sigterm_save_a_checkpoint_and_exit_0_with_a_resume_hint(tmp_path, stories_txt):
-    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=10_000, log_every=1, resume=True)
+def test_sigint_and_sigterm_save_a_checkpoint_and_exit_0_with_a_resume_hint(tmp_path, stories_txt, one_thread):
+    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=10_000, log_every=1, resume=True, **one_thread)
     out, stopped = Path(cfg.out), 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         log = tmp_path / f"{sig.name}.log"
@@ -223,7 +232,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, stories_
         return FillsUp(file, room=4096) if "w" in mode and sum(opened) == 2 else file
 
     monkeypatch.setattr(checkpoint, "open", open_on_full_disk, raising=False)
-    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=15, save_every=5)
+    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=10, save_every=5)
     with pytest.raises(PenwrightError) as error:
         train(cfg, **quiet)
     assert_kept_previous(str(error.value), Path(cfg.out), step=5)
@@ -242,10 +251,10 @@ def small_disk(tmp_path):
 
 
 def test_a_really_full_disk_keeps_the_previous_checkpoint(tmp_path, stories_txt, small_disk):
-    cfg = tiny_config(stories_txt, small_disk / "run", max_steps=20, save_every=5, keep_checkpoints=3)
+    cfg = tiny_config(stories_txt, small_disk / "run", max_steps=6, save_every=2, keep_checkpoints=3)
     with pytest.raises(PenwrightError) as error:
         train(cfg, **quiet)
-    assert_kept_previous(str(error.value), Path(cfg.out), step=10)
+    assert_kept_previous(str(error.value), Path(cfg.out), step=4)
 
 
 # --- non-finite losses and running out of memory ---------------------------------------------------
