@@ -60,6 +60,30 @@ def save(run_dir: Path, step: int, model, tokenizer, state: dict, keep: int, wei
     return final
 
 
+def publish_model(run_dir: Path, model, tokenizer, weights: dict | None = None) -> None:
+    """Write the run dir's own HF model so that no reader ever sees a half-written file.
+
+    The files are written and flushed in a hidden folder, then each moves into place with one
+    rename; the weights go last. A crash before then leaves the previous files, or none.
+    """
+    run_dir = Path(run_dir)
+    _remove_stale(run_dir, ".tmp-model-*")
+    tmp = run_dir / f".tmp-model-{os.getpid()}"
+    files.remove(tmp)
+    try:
+        save_model(model, tokenizer, tmp, weights)
+        files.fsync_tree(tmp)
+        for file in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):
+            os.replace(file, run_dir / file.name)
+    except Exception as e:
+        if not files.disk_full(e):
+            raise
+        raise PenwrightError(f"disk full while writing the model into {run_dir}: free space on that disk, then "
+                             "run the same command with --resume to finish from the last checkpoint") from None
+    finally:
+        files.remove(tmp)
+
+
 def _describe(folder: Path) -> dict:
     return {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
@@ -117,8 +141,9 @@ def _prune(root: Path, keep: int) -> None:
     _remove_stale(root)
 
 
-def _remove_stale(root: Path) -> None:
-    for stale in root.glob(".tmp-step-*"):
+def _remove_stale(root: Path, pattern: str = ".tmp-step-*") -> None:
+    """Remove temporary folders whose process (the pid ending their name) is gone."""
+    for stale in root.glob(pattern):
         pid = stale.name.rsplit("-", 1)[-1]
         if pid.isdigit() and not _alive(int(pid)):
             files.remove(stale)

@@ -22,7 +22,7 @@ from . import checkpoint, distributed, lora
 from .config import SampleConfig, TrainConfig
 from .errors import PenwrightError
 from .generate import Writer
-from .models import context_length, fit_tokenizer, load_model, pick_device, pick_dtype, save_model, scratch_model
+from .models import context_length, fit_tokenizer, load_model, pick_device, pick_dtype, scratch_model
 from .runs import RunDir
 from .tokens import TokenStore, prepare
 
@@ -396,7 +396,7 @@ def _finish(run, cfg, block_size, model, tokenizer, store, evaluator, writer, sa
     after = evaluator.loss(model)
     run.log({"step": run.metrics()[-1]["step"] if run.metrics() else 0, "val_loss": after, "val_ppl": _ppl(after)})
     samples = [s.text for s in writer.samples([None], replace(sampling, num_samples=3))]
-    save_model(model, tokenizer, run.path)
+    checkpoint.publish_model(run.path, model, tokenizer)
     results = {"validation loss": f"{after:.4f}", "validation perplexity": f"{_ppl(after):.2f}",
                "validation perplexity before training": f"{_ppl(before):.2f}"}
     if cfg.eval_at_end:
