@@ -122,7 +122,7 @@ def percentile(values: list[float], p: float) -> float | None:
     return round(ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)], 4)
 
 
-def summarise(results: list[dict], wall: float, args, model: str) -> dict:
+def summarise(results: list[dict], wall: float, args, model: str, load_before: float) -> dict:
     import torch
 
     done = [r for r in results if r["ok"]]
@@ -138,7 +138,7 @@ def summarise(results: list[dict], wall: float, args, model: str) -> dict:
         "latency_s": {p: percentile(latency, q) for p, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
         "first_token_s": {"p50": percentile(first, 50), "p99": percentile(first, 99)},
         "first_errors": [r["error"] for r in results if not r["ok"]][:5],
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "load_average_before": round(load_before, 2), "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu"},
     }
 
@@ -158,8 +158,9 @@ def write_results(summary: dict) -> None:
         START, "## Serving under load (`make bench-serve`)", "",
         f"{s['clients']} concurrent clients sent {s['requests']} completion requests ({s['streamed']} streamed), "
         f"{s['max_tokens']} new tokens each at temperature 0.8, to `penwright serve` on loopback serving "
-        f"{s['model']}; {s['machine']['cpus']} CPU cores, {s['machine']['device']}, torch {s['machine']['torch']}, "
-        f"{s['date']}. Raw numbers: `benchmarks/results/serve_load.json`.", "",
+        f"{s['model']}; {s['machine']['cpus']} CPU cores (1-minute load average {s['machine']['load_average_before']} "
+        f"before the run), {s['machine']['device']}, torch {s['machine']['torch']}, {s['date']}. "
+        "Raw numbers: `benchmarks/results/serve_load.json`.", "",
         "| requests | errors | latency p50 | latency p99 | first token p50 (streams) | tokens/s | requests/s |",
         "| --- | --- | --- | --- | --- | --- | --- |",
         f"| {s['requests']} | {s['errors']} | {seconds(lat['p50'])} | {seconds(lat['p99'])} | "
@@ -194,6 +195,7 @@ def main() -> int:
             try:
                 wait_ready(url, server)
                 print(f"{args.clients} clients, {args.requests} requests against {url} ...", file=sys.stderr)
+                load_before = os.getloadavg()[0]
                 results, wall = asyncio.run(load(url, args))
             finally:
                 server.terminate()
@@ -201,7 +203,7 @@ def main() -> int:
             if any(not r["ok"] for r in results):
                 log.seek(0)
                 print(log.read()[-4000:], file=sys.stderr)
-    summary = summarise(results, wall, args, model)
+    summary = summarise(results, wall, args, model, load_before)
     write_results(summary)
     print(json.dumps(summary, indent=2))
     return 1 if summary["errors"] else 0

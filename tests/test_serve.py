@@ -23,11 +23,15 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor
 
 
 class SlowWriter(Writer):
-    """Streams one piece every 20 ms and records how its stream ended."""
+    """Streams one piece every 20 ms and records how its stream ended; batches take 0.5 s more."""
 
     pieces = 0
     finished = False
     closed: threading.Event
+
+    def samples(self, *args, **kwargs):
+        time.sleep(0.5)
+        return super().samples(*args, **kwargs)
 
     def stream(self, *args, **kwargs):
         self.closed = threading.Event()
@@ -170,6 +174,12 @@ def test_a_model_name_is_never_a_path(url, tiny_run):
     assert complete(url, model=str(tiny_run), prompt="Hi").status_code == 404
 
 
+def test_unknown_paths_and_methods_answer_in_the_same_shape(url):
+    assert httpx.get(f"{url}/v1/nothing").json()["error"]["message"] == "Not Found"
+    wrong = httpx.get(f"{url}/v1/completions")
+    assert wrong.status_code == 405 and wrong.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_api_key_is_required_when_set(tiny_run):
     app = create_app(ServeConfig(api_key="s3cret"), {"tiny": writer_from(tiny_run)})
     with serving(app) as url:
@@ -215,6 +225,18 @@ def test_a_client_that_leaves_stops_its_stream(url, slow):
         next(response.iter_lines())
     assert slow.closed.wait(5), "the stream was not closed after the client left"
     assert not slow.finished and slow.pieces < 40
+
+
+def test_requests_past_the_timeout_are_abandoned(tiny_run):
+    slow = writer_from(tiny_run, SlowWriter)
+    body = {"prompt": "The ship", "max_tokens": 60, "seed": 11, "label": "scifi"}
+    with serving(create_app(ServeConfig(timeout=0.3), {"slow": slow})) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=30) as response:
+            *_, error, done = [line for line in response.iter_lines() if line]
+        assert done == "data: [DONE]" and json.loads(error[6:])["error"]["code"] == "timeout"
+        assert slow.closed.wait(5) and not slow.finished
+        late = complete(url, **body)
+        assert late.status_code == 504 and late.json()["error"]["code"] == "timeout"
 
 
 def test_serve_command_builds_the_server_from_flags(tiny_run, monkeypatch, capsys):

@@ -296,6 +296,7 @@ class ServeConfig:
     max_body_bytes: int = opt(1_000_000, "refuse request bodies larger than this")
     timeout: float = opt(120.0, "seconds a request may wait and run before it is abandoned")
     batch_size: int = opt(8, "queued requests with the same settings generated together")
+    threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores but one, which answers HTTP)")
     precision: str = opt("auto", "auto, fp32, bf16 or fp16 (CUDA only)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
@@ -308,6 +309,7 @@ class ServeConfig:
         for name in ("max_prompt_tokens", "max_tokens_cap", "max_body_bytes", "batch_size"):
             _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         _check(math.isfinite(self.timeout) and self.timeout > 0, f"--timeout must be positive, got {self.timeout}")
+        _check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         self.models()  # refuses clashing names now rather than at start-up
 

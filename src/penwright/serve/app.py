@@ -20,6 +20,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from ..config import SampleConfig, ServeConfig
 from ..errors import PenwrightError
@@ -67,6 +68,10 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
     @app.exception_handler(PenwrightError)
     async def user_error(request, e: PenwrightError):
         return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):  # unknown paths and methods, in the same shape
+        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @app.exception_handler(Exception)
     async def bug(request, e: Exception):
@@ -124,7 +129,7 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
         if sampling.label is not None and sampling.label not in writer.labels:
             known = ", ".join(sorted(writer.labels)) or "none"
             raise ApiError(400, f"unknown label {sampling.label!r}; this model knows: {known}", param="label")
-        room = min(cfg.max_prompt_tokens, writer.context - 2)  # 2: the leading EOS and one new token
+        room = min(cfg.max_prompt_tokens, writer.context - 3)  # 3: the leading EOS, a label, one new token
         for prompt in prompts:
             if (size := count_tokens(writer, prompt)) > room:
                 raise ApiError(400, f"the prompt is {size} tokens; this server takes at most {room}",
