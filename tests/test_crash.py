@@ -68,6 +68,17 @@ def saving(out: Path, pid: int | None = None) -> bool:
                                  for p in root.iterdir())
 
 
+def save_phase(out: Path, pid: int) -> str | None:
+    """What a checkpoint save that process `pid` left behind was doing, judged by the files it had."""
+    tmp = next(checkpoint.checkpoint_dir(out).glob(f".tmp-step-*-{pid}"), None)
+    if tmp is None:
+        return None
+    names = {p.name for p in tmp.iterdir()}
+    if checkpoint.MANIFEST in names:
+        return "flushing or publishing"
+    return "writing optimizer state" if checkpoint.STATE_FILE in names else "writing weights"
+
+
 def training_steps(out: Path) -> list[int]:
     try:
         lines = (out / "metrics.jsonl").read_text().splitlines()
@@ -129,7 +140,8 @@ def kill_and_resume(cfg: TrainConfig, kills: int, seed: int, logs: Path) -> Coun
             break
         tally["kills"] += 1
         tally[f"killed {moment}"] += 1
-        tally["landed mid-save"] += saving(out, proc.pid)
+        if phase := save_phase(out, proc.pid):
+            tally[f"landed mid-save, {phase}"] += 1
         # Every published checkpoint is complete: no kill ever exposes a partial one.
         assert all(checkpoint.verify(p) for p in checkpoint.complete(out))
     assert tally["finished"] == 1

@@ -45,6 +45,7 @@ def save(run_dir: Path, step: int, model, tokenizer, state: dict, keep: int, wei
         files.fsync_tree(tmp)
         files.remove(final)  # a stale copy of the same step (from a run that was resumed earlier)
         os.rename(tmp, final)
+        files.fsync_dir(root)
     except Exception as e:
         if not files.disk_full(e):
             raise
@@ -75,6 +76,7 @@ def publish_model(run_dir: Path, model, tokenizer, weights: dict | None = None) 
         files.fsync_tree(tmp)
         for file in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):
             os.replace(file, run_dir / file.name)
+        files.fsync_dir(run_dir)
     except Exception as e:
         if not files.disk_full(e):
             raise

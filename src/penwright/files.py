@@ -47,6 +47,11 @@ def fsync_tree(path: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+    fsync_dir(path)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a folder's entries, so a rename into it survives a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
