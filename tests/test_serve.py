@@ -102,6 +102,7 @@ def test_list_prompts_n_echo_label_and_greedy(url):
     assert [c["text"][0] for c in reply["choices"]] == ["A", "A", "B", "B"]
     greedy = [complete(url, model="tiny", prompt="She", max_tokens=6, temperature=0).json()["choices"][0]["text"] for _ in "ab"]
     assert greedy[0] == greedy[1]
+    assert complete(url, model="tiny", prompt="She", max_tokens=4, temperature=1e-38).status_code == 200
 
 
 def test_stream_is_server_sent_events_ending_in_done(url):
@@ -151,6 +152,7 @@ def test_chat_needs_a_chat_template(url):
     ({"temperature": -1}, 400, None, "temperature must be > 0"),
     ({"top_p": 0}, 400, None, "top_p must be in (0, 1]"),
     ({"n": 0}, 400, None, "n must be at least 1"),
+    ({"seed": 2**64}, 400, None, "seed must be in [0, 2**63)"),
     ({"top_k": -3}, 400, None, "top_k"),
     ({"repetition_penalty": 0}, 400, None, "repetition_penalty"),
     ({"stop": [""]}, 400, None, "stop strings must not be empty"),

@@ -221,6 +221,7 @@ class SampleConfig:
                f"--repetition-penalty must be positive, got {self.repetition_penalty}")
         _check(self.num_samples >= 1, f"--num-samples must be at least 1, got {self.num_samples}")
         _check(self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}")
+        _check(self.seed is None or 0 <= self.seed < 2**63, f"--seed must be in [0, 2**63), got {self.seed}")
         _check(all(isinstance(s, str) and s for s in self.stop), "--stop strings must not be empty")
 
     def sampling(self) -> SampleConfig:

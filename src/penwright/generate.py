@@ -182,7 +182,7 @@ def pick_tokens(logits: torch.Tensor, cfg: SampleConfig, generator, seen: torch.
         logits = logits.scatter(1, index, torch.where(seen >= 0, scores, logits.gather(1, index)))
     if cfg.greedy:
         return logits.argmax(-1)
-    logits = logits / cfg.temperature
+    logits = (logits - logits.max(-1, keepdim=True).values) / cfg.temperature  # no overflow for tiny temperatures
     if 0 < cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
