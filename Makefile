@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 
-.PHONY: install demo test browser bench bench-serve soak clean
+.PHONY: install demo test browser bench bench-serve bench-lora soak clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ browser:
 # Load test of `penwright serve` on loopback: 16 clients, 200 requests; writes benchmarks/results/serve_load.json.
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/serve_load.py
+
+# LoRA against full fine-tuning on a GPT-2 124M-shaped model: peak memory, speed, saved size;
+# writes benchmarks/results/lora.json.
+bench-lora: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/lora.py
 
 # The long crash test: 20 SIGKILLs at random moments, each followed by --resume.
 soak: $(STAMP)
