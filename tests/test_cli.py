@@ -80,3 +80,18 @@ def test_help_lists_commands_and_examples():
     result = run_cli("train", "--help")
     assert result.returncode == 0
     assert "--block-size" in result.stdout and "examples:" in result.stdout and "--resume" in result.stdout
+
+
+def test_prepare_prints_corpus_statistics_and_reuses_the_cache(stories_csv, tmp_path, capsys):
+    argv = ["prepare", "--data", str(stories_csv), "--text-column", "synopsis", "--label-column", "genre",
+            "--init", "scratch", "--vocab-size", "400", "--cache-dir", str(tmp_path)]
+    assert main(argv) == 0
+    first = capsys.readouterr()
+    stats = dict(line.strip().split(": ", 1) for line in first.out.splitlines())
+    assert stats["documents"] == "192" and stats["files"] == "1"
+    assert int(stats["train tokens"].replace(",", "")) + int(stats["val tokens"].replace(",", "")) == \
+        int(stats["tokens"].replace(",", ""))
+    assert "horror 32" in stats["labels"] and "tokenized into" in first.err
+    assert main(argv) == 0
+    second = capsys.readouterr()
+    assert "found in cache" in second.err and second.out == first.out

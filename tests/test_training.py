@@ -116,3 +116,12 @@ def test_corpus_shorter_than_a_block_says_what_would_fit(tmp_path):
     with pytest.raises(PenwrightError, match=r"training split has \d+ tokens, fewer than one block of 256\+1; "
                                              r"use --block-size \d+ or less"):
         train(tiny_config(tmp_path / "short.txt", tmp_path / "run", block_size=256, val_fraction=0), **quiet)
+
+
+def test_samples_are_printed_and_logged_during_training(tmp_path, stories_csv):
+    messages = []
+    run = train(tiny_config(stories_csv, tmp_path / "run", text_column="synopsis", max_steps=4, sample_every=2,
+                            sample_length=8), log=messages.append)
+    samples = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "sample" in r]
+    assert [r["step"] for r in samples] == [2, 4] and all(isinstance(r["sample"], str) for r in samples)
+    assert "validation perplexity:" in messages[-2] and "before" in messages[-2]
