@@ -131,7 +131,8 @@ def learned_context(path: Path) -> int | None:
 def check_finished(path: Path) -> None:
     """A run dir still in training holds no final model yet: say so, and which checkpoint to use."""
     path = Path(path)
-    if (path / RUN_FILE).is_file() and not (path / "config.json").is_file():
+    final = ("config.json", "adapter_config.json")  # a full model, or a LoRA run's adapter
+    if (path / RUN_FILE).is_file() and not any((path / name).is_file() for name in final):
         from .checkpoint import complete
 
         newest = complete(path)
