@@ -202,6 +202,25 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_0_with_a_resume_hint(tmp_
     assert training_steps(done)[-1] == stopped + 2 and (done / "model.safetensors").is_file()
 
 
+# --- damaged checkpoints --------------------------------------------------------------------------
+
+def test_a_damaged_checkpoint_is_skipped_and_resume_uses_the_previous_one(tmp_path, stories_txt):
+    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=10, save_every=5)
+    out = train(cfg, **quiet)
+    newest = checkpoint.checkpoint_dir(out) / "step-00000010"
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, different bytes: only the checksum can tell
+    weights.write_bytes(bytes(data))
+    said = []
+    assert checkpoint.latest(out, log=said.append).name == "step-00000005"
+    assert said == [f"warning: skipping damaged checkpoint {newest}"]
+    log = []
+    train(dataclasses.replace(cfg, resume=True), log=log.append)
+    assert any(line.startswith("resuming from") and line.endswith("(step 5)") for line in log)
+    assert checkpoint.verify(newest) and checkpoint.latest(out, **quiet) == newest
+
+
 # --- a full disk -----------------------------------------------------------------------------------
 
 class FillsUp:
