@@ -102,6 +102,7 @@ def test_fsdp_with_nproc_shards_saves_plain_hf_and_resumes_unsharded(tmp_path, s
     assert all(abs(resumed[s] - expected[s]) < 1e-4 for s in range(SAVE_AT + 1, STEPS + 1)), (resumed, expected)
 
 
+@pytest.mark.slow  # another launch of 2 processes; kept out of the default suite's time budget
 def test_nproc_bad_input_is_one_line(tmp_path, stories_txt, tiny_base):
     (tmp_path / "taken").write_text("not a folder")
     done = penwright("train", "--nproc", "2", "--data", str(stories_txt), "--model", str(tiny_base),
@@ -120,6 +121,7 @@ def test_as_flags_rebuilds_the_config(stories_txt, tiny_base):
     assert "--nproc" not in as_flags(cfg, skip=("nproc",))
 
 
+@pytest.mark.slow  # another launch of 2 processes; kept out of the default suite's time budget
 def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, stories_txt, tiny_base):
     import psutil
 
