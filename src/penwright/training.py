@@ -186,8 +186,8 @@ def memory_hint(cfg: TrainConfig):
         if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not any(
                 sign in str(e) for sign in ("out of memory", "can't allocate memory")):
             raise
-        smaller = (f"--batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2} keeps the same "
-                   "effective batch" if cfg.batch_size > 1 else "try a smaller --block-size or model")
+        smaller = (f"e.g. --batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2}" if cfg.batch_size > 1
+                   else "or a smaller --block-size or model")
         raise PenwrightError(f"out of memory with --batch-size {cfg.batch_size} and --block-size {cfg.block_size}: "
                              f"use a smaller batch with more accumulation ({smaller}); continue with --resume") from None
 
