@@ -166,7 +166,7 @@ def _writer(cfg: GenerateConfig):
 
     if not cfg.model:
         raise PenwrightError("no model given: pass --model runs/NAME (or a model directory, hub id or .gguf)")
-    return load(cfg.model, cfg.precision, cfg.device, cfg.allow_pickle, log=warn)
+    return load(cfg.model, cfg.precision, cfg.device, cfg.allow_pickle, log=warn, quantize=cfg.quantize)
 
 
 def cmd_generate(cfg: GenerateConfig) -> None:

@@ -155,6 +155,10 @@ class TrainConfig(PrepareConfig):
     keep_checkpoints: int = opt(2, "checkpoints to keep")
     log_every: int = opt(10, "steps between progress-bar and metrics.jsonl updates")
     compile: bool = opt(False, "compile the model with torch.compile")
+    head_loss: Literal["chunked", "full"] = opt("chunked", "loss through the vocabulary-wide output head: chunked "
+                                                "(never holds all logits; less memory) or full")
+    dropout: float | None = opt(None, "dropout probability while training (default: the model's own, 0.1 for GPT-2; "
+                                      "0 is faster on CPU)")
     threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores)")
     nproc: int = opt(1, "processes to train with on this machine, one per GPU (launches torchrun)")
     fsdp: bool = opt(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2) "
@@ -170,6 +174,8 @@ class TrainConfig(PrepareConfig):
         for name in ("eval_every", "sample_every", "save_every", "weight_decay", "grad_clip", "max_bad_steps"):
             _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
         _check(self.block_size is None or self.block_size >= 8, f"--block-size must be at least 8, got {self.block_size}")
+        _check(self.head_loss in ("chunked", "full"), f"--head-loss must be chunked or full, got {self.head_loss!r}")
+        _check(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
         _check(self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         _check(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be positive, got {self.lr}")
@@ -241,10 +247,13 @@ class GenerateConfig(SampleConfig):
     precision: str = opt("auto", "auto, fp32, bf16 or fp16 (CUDA only)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     allow_pickle: bool = opt(False, "allow loading pickled .bin/.pt weights (they can run code)")
+    quantize: Literal["int8", "none"] = opt("int8", "on CPU in bf16, store weights as int8 for faster writing "
+                                                    "(text within 1%% perplexity of fp32), or none")
 
     def __post_init__(self):
         super().__post_init__()
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _check(self.quantize in ("int8", "none"), f"--quantize must be int8 or none, got {self.quantize!r}")
         _check(not (self.prompt is not None and self.prompt_file is not None), "give --prompt or --prompt-file, not both")
 
 

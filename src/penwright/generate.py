@@ -221,8 +221,12 @@ def finish(text: str, cfg: SampleConfig, final: bool = True) -> tuple[str, bool]
     return text, stopped
 
 
-def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle: bool = False, log=print) -> Writer:
-    """Load a run dir (or any HF model dir, hub id or .gguf) for writing; a LoRA run is merged into its base."""
+def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle: bool = False, log=print,
+         quantize: str = "none") -> Writer:
+    """Load a run dir (or any HF model dir, hub id or .gguf) for writing; a LoRA run is merged into its base.
+
+    `quantize="int8"` stores the weights as int8 when writing in bf16 on CPU (quantize.py).
+    """
     from . import lora
     from .models import load_model, pick_device, pick_dtype
     from .runs import check_finished, learned_context
@@ -236,6 +240,10 @@ def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle:
         model = lora.merged(spec, tokenizer, dtype, allow_pickle).to(target)
     else:
         model = load_model(spec, allow_pickle=allow_pickle, dtype=dtype).to(target)
+    if quantize == "int8" and target.type == "cpu" and dtype == torch.bfloat16:
+        from .quantize import quantize_int8
+
+        quantize_int8(model)
     writer = Writer(model, tokenizer, log=log)
     writer.context = min(writer.context, learned_context(spec) or writer.context)
     return writer

@@ -6,6 +6,7 @@ and a resumed run sees exactly the batches an uninterrupted one would.
 
 from __future__ import annotations
 
+import inspect
 import math
 import signal
 import sys
@@ -22,11 +23,10 @@ from . import checkpoint, distributed, lora
 from .config import SampleConfig, TrainConfig
 from .errors import PenwrightError
 from .generate import Writer
+from .losses import IGNORE, linear_cross_entropy
 from .models import context_length, fit_tokenizer, load_model, pick_device, pick_dtype, scratch_model
 from .runs import RunDir
 from .tokens import TokenStore, prepare
-
-IGNORE = -100
 
 
 class Blocks:
@@ -61,10 +61,41 @@ class Blocks:
         return x, y
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy, computed in fp32 from the (possibly bf16) logits."""
-    logits = model(input_ids=x, use_cache=False).logits
-    return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction=reduction)
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", fused: bool = True) -> torch.Tensor:
+    """Next-token cross-entropy in fp32.
+
+    `fused`: from the final hidden states through the head chunk by chunk (losses.py), never
+    holding the whole logits, wherever the model allows it (`_head_weight`).
+    """
+    weight = _head_weight(model) if fused else None
+    if weight is None:
+        logits = model(input_ids=x, use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction=reduction)
+    # logits_to_keep=1: the model's own head scores only the last position, which costs nothing
+    out = model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    total = linear_cross_entropy(out.hidden_states[-1].flatten(0, 1), weight, y.flatten())
+    return total if reduction == "sum" else total / (y != IGNORE).sum()
+
+
+def _head_weight(model) -> torch.Tensor | None:
+    """The head's weight when the fused loss can use it: a bias-free linear head, not sharded
+    (FSDP), on a model whose forward can skip computing logits (`logits_to_keep`)."""
+    inner = getattr(model, "module", model)  # inside DistributedDataParallel
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or hasattr(head.weight, "placements"):
+        return None
+    return head.weight if "logits_to_keep" in inspect.signature(inner.forward).parameters else None
+
+
+def set_dropout(model, p: float) -> None:
+    """Override the model's dropout for this run; its saved config keeps its own value.
+
+    On CPU attention dropout also costs the fused attention kernel (PyTorch falls back to the
+    math path), so `--dropout 0` trains noticeably faster.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -233,6 +264,8 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
     else:
         model = load_model(cfg.model, cfg.allow_pickle, cfg.trust_remote_code)
     fit_tokenizer(model, tokenizer)
+    if cfg.dropout is not None:
+        set_dropout(model, cfg.dropout)
     if cfg.lora:
         model = lora.attach(model, cfg.lora, cfg.model, adapter=resume_from)
     block_size = cfg.block_size or min(context_length(model), 512)
@@ -251,6 +284,8 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
     if cfg.fsdp and not sharded:
         log("--fsdp: a single process has nothing to shard with; training unsharded (start with torchrun or --nproc)")
     optimizer = make_optimizer(model, cfg, device)
+    # Compiling the step alone leaves evaluation and sampling, whose shapes vary, uncompiled.
+    step_loss = torch.compile(lm_loss) if cfg.compile else lm_loss
     step = 0
     if resume_from:
         state = checkpoint.load_state(resume_from)
@@ -306,7 +341,8 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
                 x, y = blocks.get(step * cfg.grad_accum + micro)
                 with distributed.sync_gradients(net, now=micro == cfg.grad_accum - 1):
                     with autocast(device, dtype):
-                        loss = lm_loss(net, x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+                        loss = step_loss(net, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                         fused=cfg.head_loss == "chunked")
                     (loss / cfg.grad_accum).backward()
                 summed = summed + loss.detach()
             # With --grad-clip 0 an infinite limit only measures the norm, which the guard needs.

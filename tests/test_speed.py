@@ -1,0 +1,93 @@
+"""The speed levers give the same answers as the plain paths: chunked loss, int8 writing, dropout override."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from penwright import losses
+from penwright.config import GenerateConfig, SampleConfig, TrainConfig
+from penwright.errors import PenwrightError
+from penwright.losses import IGNORE, linear_cross_entropy
+from penwright.quantize import Int8Linear, quantize_int8
+from penwright.training import lm_loss, set_dropout
+
+
+def tiny_gpt2(vocab: int = 300):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=vocab, n_layer=2, n_head=2, n_embd=32, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_head_loss_matches_cross_entropy_in_value_and_gradients(monkeypatch, autocast):
+    monkeypatch.setattr(losses, "CHUNK_TOKENS", 7)  # several chunks and a ragged last one
+    torch.manual_seed(0)
+    hidden = torch.randn(20, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (20,))
+    targets[[3, 11]] = IGNORE
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ours = linear_cross_entropy(hidden, weight, targets) / 18
+        plain = F.cross_entropy((hidden @ weight.T).float(), targets, ignore_index=IGNORE)
+    tolerance = 1e-2 if autocast else 1e-5
+    assert torch.allclose(ours, plain, atol=tolerance)
+    for a, b in zip(torch.autograd.grad(ours, (hidden, weight)), torch.autograd.grad(plain, (hidden, weight))):
+        assert torch.allclose(a, b, atol=tolerance)
+    with torch.no_grad():
+        assert torch.allclose(linear_cross_entropy(hidden, weight, targets) / 18, ours, atol=tolerance)
+
+
+def test_fused_lm_loss_equals_the_plain_one_on_gpt2():
+    model = tiny_gpt2().eval()  # no dropout: both paths see the same forward
+    x = torch.randint(0, 300, (2, 24))
+    y = torch.randint(0, 300, (2, 24))
+    y[0, :5] = IGNORE
+    fused = lm_loss(model, x, y)
+    fused_grad = torch.autograd.grad(fused, model.lm_head.weight)[0]
+    plain = lm_loss(model, x, y, fused=False)
+    plain_grad = torch.autograd.grad(plain, model.lm_head.weight)[0]
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert torch.allclose(fused_grad, plain_grad, atol=1e-6)
+    assert torch.allclose(lm_loss(model, x, y, reduction="sum"), plain * (y != IGNORE).sum(), rtol=1e-5)
+
+
+def test_int8_linear_layers_stay_close_to_bf16():
+    model = tiny_gpt2().to(torch.bfloat16).eval()
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=x).logits.float()
+        quantize_int8(model)
+        after = model(input_ids=x).logits.float()
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.h[0].attn.c_attn, Int8Linear)
+    assert (before - after).abs().max() < 0.05 * before.abs().max()
+    assert (before.argmax(-1) == after.argmax(-1)).float().mean() > 0.9
+
+
+def test_int8_writer_is_reproducible_and_batches(tmp_path):
+    from penwright.generate import Writer
+    from penwright.tokens import train_tokenizer
+
+    tokenizer = train_tokenizer(["the cat sat on the mat. " * 20, "a dog ran in the park. " * 20], 300)
+    model = quantize_int8(tiny_gpt2(len(tokenizer)).to(torch.bfloat16))
+    writer = Writer(model, tokenizer, log=lambda *_: None)
+    cfg = SampleConfig(max_new_tokens=12, seed=3, num_samples=3, batch_size=2)
+    first, second = writer.samples(["the cat"], cfg), writer.samples(["the cat"], cfg)
+    assert [s.text for s in first] == [s.text for s in second]
+    assert all(s.new_tokens > 0 for s in first)
+
+
+def test_dropout_override_and_settings_are_validated():
+    model = tiny_gpt2()
+    set_dropout(model, 0.0)
+    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    assert model.config.resid_pdrop == 0.1  # the saved config keeps the model's own
+    with pytest.raises(PenwrightError):
+        TrainConfig(dropout=1.5)
+    with pytest.raises(PenwrightError):
+        TrainConfig(head_loss="sparse")
+    with pytest.raises(PenwrightError):
+        GenerateConfig(quantize="int4")
