@@ -75,8 +75,9 @@ def complete(url, **body) -> httpx.Response:
     return httpx.post(f"{url}/v1/completions", json=body, timeout=30)
 
 
-def sse_events(response: httpx.Response) -> list:
-    lines = [line for line in response.iter_lines() if line]
+def sse_events(response) -> list:
+    """The JSON events of a server-sent event stream (a response or its lines), checking it ends in [DONE]."""
+    lines = [line for line in (response.iter_lines() if hasattr(response, "iter_lines") else response) if line]
     assert lines[-1] == "data: [DONE]"
     assert all(line.startswith("data: ") for line in lines)
     return [json.loads(line[6:]) for line in lines[:-1]]
@@ -100,7 +101,8 @@ def test_list_prompts_n_echo_label_and_greedy(url):
     reply = complete(url, model="tiny", prompt=["A", "B"], n=2, max_tokens=4, echo=True, label="horror").json()
     assert [c["index"] for c in reply["choices"]] == [0, 1, 2, 3]
     assert [c["text"][0] for c in reply["choices"]] == ["A", "A", "B", "B"]
-    greedy = [complete(url, model="tiny", prompt="She", max_tokens=6, temperature=0).json()["choices"][0]["text"] for _ in "ab"]
+    greedy = [complete(url, model="tiny", prompt="She", max_tokens=6, temperature=0).json()["choices"][0]["text"]
+              for _ in "ab"]
     assert greedy[0] == greedy[1]
     assert complete(url, model="tiny", prompt="She", max_tokens=4, temperature=1e-38).status_code == 200
 
@@ -227,6 +229,21 @@ def test_a_client_that_leaves_stops_its_stream(url, slow):
         next(response.iter_lines())
     assert slow.closed.wait(5), "the stream was not closed after the client left"
     assert not slow.finished and slow.pieces < 40
+
+
+def test_streams_take_turns(tiny_run):
+    slow = writer_from(tiny_run, SlowWriter)
+    body = {"prompt": "The ship", "max_tokens": 60, "seed": 11, "label": "scifi", "stream": True}
+    with serving(create_app(ServeConfig(), {"slow": slow})) as url:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as first:
+            first_lines = first.iter_lines()  # kept: dropping a half-read iterator closes the connection
+            next(first_lines)
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as second:
+                second_lines = second.iter_lines()
+                next(second_lines)
+                assert not slow.finished  # the second stream began while the first was still being written
+                assert httpx.get(f"{url}/health").json()["models"]["slow"]["streaming"] == 2
+                assert sse_events(second_lines) and sse_events(first_lines)  # both finish, ending in [DONE]
 
 
 def test_requests_past_the_timeout_are_abandoned(tiny_run):

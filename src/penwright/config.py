@@ -305,7 +305,7 @@ class ServeConfig:
     max_tokens_cap: int = opt(512, "refuse requests for more new tokens than this")
     max_body_bytes: int = opt(1_000_000, "refuse request bodies larger than this")
     timeout: float = opt(120.0, "seconds a request may wait and run before it is abandoned")
-    batch_size: int = opt(8, "queued requests with the same settings generated together")
+    batch_size: int = opt(8, "most requests written at once: alike plain ones in a batch, streams in turns")
     threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores but one, which answers HTTP)")
     precision: str = opt("auto", "auto, fp32, bf16 or fp16 (CUDA only)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")

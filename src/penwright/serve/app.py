@@ -42,6 +42,16 @@ class ApiError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def as_api_error(e: Exception) -> ApiError:
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, PenwrightError):
+        return ApiError(400, str(e))
+    if isinstance(e, HTTPException):  # unknown paths and methods
+        return ApiError(e.status_code, str(e.detail))
+    return ApiError(500, f"internal error: {e}", kind="server_error")
+
+
 def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
     if not cfg.model:
         raise PenwrightError("no model given: pass --model runs/NAME (repeatable; --model NAME=PATH names it)")
@@ -61,21 +71,12 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
 
     app = FastAPI(title="penwright", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request, e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+    async def error_reply(request, e: Exception) -> JSONResponse:
+        error = as_api_error(e)
+        return JSONResponse(error.body(), status_code=error.status)
 
-    @app.exception_handler(PenwrightError)
-    async def user_error(request, e: PenwrightError):
-        return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, e: HTTPException):  # unknown paths and methods, in the same shape
-        return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def bug(request, e: Exception):
-        return JSONResponse(ApiError(500, f"internal error: {e}", kind="server_error").body(), status_code=500)
+    for kind in (ApiError, PenwrightError, HTTPException, Exception):
+        app.add_exception_handler(kind, error_reply)
 
     async def authorize(request: Request) -> None:
         if cfg.api_key is None:
@@ -196,8 +197,8 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
                         yield chunk(event[1], "", event[2].finish_reason)
                 if request.stream_options.include_usage:  # OpenAI's way to count a stream's tokens
                     yield sse({**head, "object": kind, "choices": [], **usage(written)})
-            except (ApiError, PenwrightError) as e:
-                yield sse((e if isinstance(e, ApiError) else ApiError(400, str(e))).body())
+            except Exception as e:  # noqa: BLE001 (the status line is sent: report it in the stream)
+                yield sse(as_api_error(e).body())
             finally:
                 job.cancelled = True  # also when the client hung up while we were sending
             yield "data: [DONE]\n\n"
@@ -238,7 +239,8 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": {name: {"queued": w.queued} for name, w in workers.items()},
+        return {"status": "ok", "models": {name: {"queued": w.queued, "streaming": len(w.flows)}
+                                           for name, w in workers.items()},
                 "auth": cfg.api_key is not None,
                 "limits": {"max_tokens_cap": cfg.max_tokens_cap, "max_prompt_tokens": cfg.max_prompt_tokens}}
 

@@ -1,8 +1,9 @@
 """One worker thread per model: a Writer is not thread-safe, so requests wait their turn here.
 
 Queued plain (non-streaming) requests that ask for exactly the same settings, with no seed, are
-written together in one batch. A stream runs on its own and stops as soon as its client leaves.
-Results travel back to the event loop through each job's asyncio queue.
+written together in one batch. Streams take turns, one piece each, so every client sees its text
+flow; a stream stops as soon as its client leaves. Results travel back to the event loop through
+each job's asyncio queue.
 """
 
 from __future__ import annotations
@@ -36,10 +37,49 @@ class Job:
         return len(self.prompts) * self.cfg.num_samples
 
 
+class Flow:
+    """A stream under way: its samples one after another, a piece per step."""
+
+    def __init__(self, writer: Writer, job: Job):
+        n = job.cfg.num_samples
+        self.writer, self.job = writer, job
+        self.todo = enumerate(p for p in job.prompts for _ in range(n))
+        self.index, self.pieces = 0, None
+
+    def step(self) -> bool:
+        """Send the next piece; True once the stream is over (written, failed or abandoned)."""
+        job = self.job
+        try:
+            if job.cancelled:
+                return self.close()
+            if self.pieces is None:
+                self.index, prompt = next(self.todo, (None, None))
+                if self.index is None:
+                    job.send("done")
+                    return True
+                n, seed = job.cfg.num_samples, job.cfg.seed  # sample k of a seeded request uses seed + k
+                cfg = replace(job.cfg, num_samples=1, seed=None if seed is None else seed + self.index % n)
+                self.pieces = self.writer.stream(prompt, cfg)
+            job.send("text", self.index, next(self.pieces))
+        except StopIteration as end:  # the sample is written; its stream returns the Sample
+            job.send("end", self.index, end.value)
+            self.pieces = None
+        except Exception as e:  # noqa: BLE001 (the client must hear about it)
+            job.send("error", e)
+            return self.close()
+        return False
+
+    def close(self) -> bool:
+        if self.pieces is not None:
+            self.pieces.close()  # ends the decode loop
+        return True
+
+
 class Worker:
     def __init__(self, name: str, writer: Writer, batch_size: int):
         self.writer, self.batch_size = writer, batch_size
         self.jobs: deque[Job] = deque()
+        self.flows: list[Flow] = []  # streams under way, at most batch_size
         self.ready = threading.Condition()
         self.closed = False
         self.thread = threading.Thread(target=self._run, name=f"penwright-serve-{name}", daemon=True)
@@ -66,29 +106,37 @@ class Worker:
     # --- the worker thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            try:
-                if batch[0].stream:
-                    self._stream(batch[0])
-                else:
+        while self._wait_for_work():
+            rounds = 1  # pieces per stream before the next batch; after a batch, as many as it wrote tokens,
+            if batch := self._next_batch():  # so that plain requests cannot starve the streams
+                rounds = batch[0].cfg.max_new_tokens
+                try:
                     self._write(batch)
-            except Exception as e:  # noqa: BLE001 (every waiting client must hear about it)
-                for job in batch:
-                    job.send("error", e)
+                except Exception as e:  # noqa: BLE001 (every waiting client must hear about it)
+                    for job in batch:
+                        job.send("error", e)
+            for _ in range(rounds):
+                self.flows = [flow for flow in self.flows if not flow.step()]
 
-    def _next_batch(self) -> list[Job] | None:
-        """The oldest live job, plus younger plain jobs with the same settings while they fit."""
+    def _wait_for_work(self) -> bool:
         with self.ready:
-            while True:
-                while not self.jobs and not self.closed:
-                    self.ready.wait()
-                if self.closed:
-                    return None
-                first = self.jobs.popleft()
-                if not first.cancelled:
-                    break
+            while not (self.jobs or self.flows or self.closed):
+                self.ready.wait()
+            return not self.closed
+
+    def _next_batch(self) -> list[Job]:
+        """Start the streams at the head of the queue while there is room; then, if a plain job is
+        next, return it with younger plain jobs of the same settings while they fit in a batch."""
+        with self.ready:
+            while self.jobs and (self.jobs[0].cancelled or self.jobs[0].stream and len(self.flows) < self.batch_size):
+                job = self.jobs.popleft()
+                if not job.cancelled:
+                    self.flows.append(Flow(self.writer, job))
+            if not self.jobs or self.jobs[0].stream:
+                return []
+            first = self.jobs.popleft()
             batch = [first]
-            if first.stream or first.cfg.seed is not None:  # a seed promises the same text on its own
+            if first.cfg.seed is not None:  # a seed promises the same text as on its own
                 return batch
             rows = first.rows
             for job in list(self.jobs):
@@ -104,20 +152,3 @@ class Worker:
         for job in batch:
             job.send("samples", samples[:job.rows])
             samples = samples[job.rows:]
-
-    def _stream(self, job: Job) -> None:
-        """Each prompt's samples one after another; sample k of a seeded request uses seed + k."""
-        n = job.cfg.num_samples
-        for index, prompt in enumerate(p for p in job.prompts for _ in range(n)):
-            seed = None if job.cfg.seed is None else job.cfg.seed + index % n
-            pieces = self.writer.stream(prompt, replace(job.cfg, seed=seed, num_samples=1))
-            try:
-                while not job.cancelled:
-                    job.send("text", index, next(pieces))
-            except StopIteration as end:  # the stream returns its finished Sample
-                job.send("end", index, end.value)
-            finally:
-                pieces.close()  # stops the decode loop when the client has gone
-            if job.cancelled:
-                return
-        job.send("done")
