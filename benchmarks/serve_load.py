@@ -138,7 +138,8 @@ def summarise(results: list[dict], wall: float, args, model: str, load_before: f
         "latency_s": {p: percentile(latency, q) for p, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))},
         "first_token_s": {"p50": percentile(first, 50), "p99": percentile(first, 99)},
         "first_errors": [r["error"] for r in results if not r["ok"]][:5],
-        "machine": {"cpus": os.cpu_count(), "load_average_before": round(load_before, 2), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "load_average_before": round(load_before, 2),
+                    "platform": platform.platform(), "python": platform.python_version(),
                     "torch": torch.__version__, "device": "cuda" if torch.cuda.is_available() else "cpu"},
     }
 
