@@ -20,6 +20,7 @@ function headers() {
 
 async function api(path, options = {}) {
   const response = await fetch(path, { ...options, headers: headers() });
+  if (response.status === 401) throw new Error("this server needs its API key: type it in the API key box");
   if (!response.ok) {
     const body = await response.json().catch(() => ({}));
     throw new Error(body.error?.message || `${response.status} ${response.statusText}`);
