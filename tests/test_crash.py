@@ -29,6 +29,7 @@ from conftest import tiny_config
 from penwright import PenwrightError, TrainConfig, checkpoint, train, training
 
 quiet = dict(log=lambda *_: None)
+SHORT_SAMPLES = dict(sample_length=8)  # the samples at the end of a run are not under test here
 
 
 # --- running `penwright train` in a subprocess ---------------------------------------------------
@@ -159,6 +160,7 @@ def one_thread():
 
 
 def check_kills(tmp_path: Path, stories_txt: Path, kills: int, seed: int, **settings) -> Counter:
+    settings = {**SHORT_SAMPLES, **settings}
     reference = train(tiny_config(stories_txt, tmp_path / "reference", **settings), **quiet)
     cfg = tiny_config(stories_txt, tmp_path / "killed", resume=True, keep_checkpoints=2, **settings)
     logs = tmp_path / "logs"
@@ -184,7 +186,8 @@ def test_sigkill_20_times_then_resume_equals_uninterrupted_run(tmp_path, stories
 # --- SIGINT and SIGTERM ----------------------------------------------------------------------------
 
 def test_sigint_and_sigterm_save_a_checkpoint_and_exit_0_with_a_resume_hint(tmp_path, stories_txt, one_thread):
-    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=10_000, log_every=1, resume=True, **one_thread)
+    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=10_000, log_every=1, resume=True, **one_thread,
+                      **SHORT_SAMPLES)
     out, stopped = Path(cfg.out), 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         log = tmp_path / f"{sig.name}.log"
@@ -205,7 +208,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_0_with_a_resume_hint(tmp_
 # --- damaged checkpoints --------------------------------------------------------------------------
 
 def test_a_damaged_checkpoint_is_skipped_and_resume_uses_the_previous_one(tmp_path, stories_txt):
-    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=10, save_every=5)
+    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=10, save_every=5, **SHORT_SAMPLES)
     out = train(cfg, **quiet)
     newest = checkpoint.checkpoint_dir(out) / "step-00000010"
     weights = newest / "model.safetensors"
@@ -307,7 +310,7 @@ def poison_steps(monkeypatch, bad) -> None:
 
 def test_a_few_non_finite_steps_are_skipped(tmp_path, stories_txt, monkeypatch):
     poison_steps(monkeypatch, lambda step: step in (3, 7, 8))
-    run = train(tiny_config(stories_txt, tmp_path / "run", max_steps=12, max_bad_steps=3), **quiet)
+    run = train(tiny_config(stories_txt, tmp_path / "run", max_steps=12, max_bad_steps=3, **SHORT_SAMPLES), **quiet)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("skipped_steps", 0) for r in records) == 3
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # the skipped losses are left out
