@@ -14,6 +14,13 @@ import socket
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so CI is repeatable;
+# HYPOTHESIS_PROFILE=explore draws new ones to hunt for fresh failures.
+settings.register_profile("repeatable", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 SAMPLE = Path(__file__).resolve().parents[1] / "src" / "penwright" / "data" / "sample_stories.csv"
 
