@@ -33,6 +33,12 @@ test: $(STAMP) browser
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
+# penwright against HF Trainer, pipeline and datasets on this machine (~15 min on 2 CPU cores;
+# BENCH_ARGS=--quick for a smoke run); writes benchmarks/results/cpu.json and RESULTS.md; then the serving load test.
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench.py $(BENCH_ARGS)
+	$(MAKE) bench-serve
+
 # Load test of `penwright serve` on loopback: 16 clients, 200 requests; writes benchmarks/results/serve_load.json.
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/serve_load.py
