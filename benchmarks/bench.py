@@ -179,7 +179,7 @@ TRAINERS = {  # name -> (kind, penwright TrainConfig overrides or HF bf16)
     "hf_trainer_fp32": ("hf", {"bf16": False}),
 }
 LEVERS = {  # penwright with one default changed, to show what each lever buys
-    "penwright --dropout 0": ("penwright", {"dropout": 0.0}),
+    "penwright --attention-dropout 0.1 (GPT-2's own)": ("penwright", {"attention_dropout": 0.1}),
     "penwright --head-loss full": ("penwright", {"head_loss": "full"}),
 }
 

@@ -82,11 +82,16 @@ def test_int8_writer_is_reproducible_and_batches(tmp_path):
 
 def test_dropout_override_and_settings_are_validated():
     model = tiny_gpt2()
-    set_dropout(model, 0.0)
-    assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
-    assert model.config.resid_pdrop == 0.1  # the saved config keeps the model's own
+    set_dropout(model, None, 0.0)  # the defaults: the model's own, but none on attention probabilities
+    assert model.transformer.h[0].attn.attn_dropout.p == 0.0
+    assert model.transformer.h[0].attn.resid_dropout.p == model.transformer.h[0].mlp.dropout.p == 0.1
+    set_dropout(model, 0.0, 0.2)
+    assert model.transformer.h[0].attn.attn_dropout.p == 0.2 and model.transformer.drop.p == 0.0
+    assert model.config.resid_pdrop == model.config.attn_pdrop == 0.1  # the saved config keeps the model's own
     with pytest.raises(PenwrightError):
         TrainConfig(dropout=1.5)
+    with pytest.raises(PenwrightError):
+        TrainConfig(attention_dropout=-0.1)
     with pytest.raises(PenwrightError):
         TrainConfig(head_loss="sparse")
     with pytest.raises(PenwrightError):

@@ -157,8 +157,10 @@ class TrainConfig(PrepareConfig):
     compile: bool = opt(False, "compile the model with torch.compile")
     head_loss: Literal["chunked", "full"] = opt("chunked", "loss through the vocabulary-wide output head: chunked "
                                                 "(never holds all logits; less memory) or full")
-    dropout: float | None = opt(None, "dropout probability while training (default: the model's own, 0.1 for GPT-2; "
-                                      "0 is faster on CPU)")
+    dropout: float | None = opt(None, "dropout while training, except on attention probabilities "
+                                      "(default: the model's own, 0.1 for GPT-2; 0 is faster)")
+    attention_dropout: float = opt(0.0, "dropout on attention probabilities while training; 0, as in most recent "
+                                        "models, keeps PyTorch's fused attention kernel (faster, less memory)")
     threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores)")
     nproc: int = opt(1, "processes to train with on this machine, one per GPU (launches torchrun)")
     fsdp: bool = opt(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2) "
@@ -176,6 +178,7 @@ class TrainConfig(PrepareConfig):
         _check(self.block_size is None or self.block_size >= 8, f"--block-size must be at least 8, got {self.block_size}")
         _check(self.head_loss in ("chunked", "full"), f"--head-loss must be chunked or full, got {self.head_loss!r}")
         _check(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
+        _check(0 <= self.attention_dropout < 1, f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
         _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
         _check(self.epochs is None or self.epochs > 0, f"--epochs must be positive, got {self.epochs}")
         _check(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be positive, got {self.lr}")

@@ -87,15 +87,17 @@ def _head_weight(model) -> torch.Tensor | None:
     return head.weight if "logits_to_keep" in inspect.signature(inner.forward).parameters else None
 
 
-def set_dropout(model, p: float) -> None:
-    """Override the model's dropout for this run; its saved config keeps its own value.
+def set_dropout(model, p: float | None, attention: float) -> None:
+    """Override the model's dropout for this run (`p` None keeps its own); its saved config is untouched.
 
-    On CPU attention dropout also costs the fused attention kernel (PyTorch falls back to the
-    math path), so `--dropout 0` trains noticeably faster.
+    Dropout on attention probabilities is set apart: at 0 PyTorch runs its fused attention kernel
+    instead of the math path that keeps every attention matrix, faster and in far less memory.
     """
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, torch.nn.Dropout):
-            module.p = p
+            on_attention = "attn" in name.rsplit(".", 1)[-1] or "attention" in name.rsplit(".", 1)[-1]
+            if on_attention or p is not None:
+                module.p = attention if on_attention else p
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -264,8 +266,7 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
     else:
         model = load_model(cfg.model, cfg.allow_pickle, cfg.trust_remote_code)
     fit_tokenizer(model, tokenizer)
-    if cfg.dropout is not None:
-        set_dropout(model, cfg.dropout)
+    set_dropout(model, cfg.dropout, cfg.attention_dropout)
     if cfg.lora:
         model = lora.attach(model, cfg.lora, cfg.model, adapter=resume_from)
     block_size = cfg.block_size or min(context_length(model), 512)
