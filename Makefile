@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 # then write one story per genre.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m penwright train --data src/penwright/data/sample_stories.csv \
-	    --text-column synopsis --label-column genre --init scratch --preset tiny --vocab-size 2048 \
-	    --block-size 128 --batch-size 16 --max-steps 300 --eval-every 100 --sample-every 0 \
+	    --text-column synopsis --label-column genre --init scratch --preset tiny --vocab-size 1024 --lr 2e-3 \
+	    --block-size 128 --batch-size 16 --max-steps 250 --eval-every 50 --sample-every 0 \
 	    --save-every 0 --cache-dir .cache --out $(DEMO) --overwrite
 	for genre in comedy fantasy horror mystery romance scifi; do \
 	    echo "== $$genre =="; \
