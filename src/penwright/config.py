@@ -33,6 +33,13 @@ def _check(ok: bool, message: str) -> None:
         raise PenwrightError(message)
 
 
+def _at_least(config, minimum: int, *names: str) -> None:
+    what = f"at least {minimum}" if minimum else "not negative"
+    for name in names:
+        value = getattr(config, name)
+        _check(value >= minimum, f"--{name.replace('_', '-')} must be {what}, got {value}")
+
+
 def check_types(config) -> None:
     """Refuse a value of the wrong type, as the library API and the server can pass any.
 
@@ -171,10 +178,8 @@ class TrainConfig(PrepareConfig):
     def __post_init__(self):
         super().__post_init__()
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        for name in ("batch_size", "grad_accum", "keep_checkpoints", "log_every", "sample_length", "eval_batches"):
-            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("eval_every", "sample_every", "save_every", "weight_decay", "grad_clip", "max_bad_steps"):
-            _check(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        _at_least(self, 1, "batch_size", "grad_accum", "keep_checkpoints", "log_every", "sample_length", "eval_batches")
+        _at_least(self, 0, "eval_every", "sample_every", "save_every", "weight_decay", "grad_clip", "max_bad_steps")
         _check(self.block_size is None or self.block_size >= 8, f"--block-size must be at least 8, got {self.block_size}")
         _check(self.head_loss in ("chunked", "full"), f"--head-loss must be chunked or full, got {self.head_loss!r}")
         _check(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
@@ -289,8 +294,7 @@ class EvalConfig(SampleConfig, DataConfig):
         _check(self.label is None, "eval conditions each document on its own label; drop --label")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.stride is None or self.stride >= 1, f"--stride must be at least 1, got {self.stride}")
-        for name in ("holdout_words", "max_documents", "label_samples"):
-            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        _at_least(self, 1, "holdout_words", "max_documents", "label_samples")
 
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -319,8 +323,7 @@ class ServeConfig:
             self.api_key = os.environ.get("PENWRIGHT_API_KEY") or None
         _check(self.api_key != "", "--api-key must not be empty")
         _check(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
-        for name in ("max_prompt_tokens", "max_tokens_cap", "max_body_bytes", "batch_size"):
-            _check(getattr(self, name) >= 1, f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        _at_least(self, 1, "max_prompt_tokens", "max_tokens_cap", "max_body_bytes", "batch_size")
         _check(math.isfinite(self.timeout) and self.timeout > 0, f"--timeout must be positive, got {self.timeout}")
         _check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
         _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
