@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m penwright train --data src/penwright/data/sample_stories.csv \
 	    --text-column synopsis --label-column genre --init scratch --preset tiny --vocab-size 1024 --lr 2e-3 \
-	    --block-size 128 --batch-size 16 --max-steps 250 --eval-every 50 --sample-every 0 \
+	    --block-size 128 --batch-size 16 --max-steps 200 --eval-every 50 --sample-every 0 \
 	    --save-every 0 --cache-dir .cache --out $(DEMO) --overwrite
 	for genre in comedy fantasy horror mystery romance scifi; do \
 	    echo "== $$genre =="; \
