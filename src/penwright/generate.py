@@ -158,7 +158,8 @@ class Writer:
                 if all(done):
                     return
                 ids = choice[:, None]
-                seen = torch.cat([seen, ids], dim=1)
+                if cfg.repetition_penalty != 1.0:  # the only reader of the history
+                    seen = torch.cat([seen, ids], dim=1)
                 mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
                 positions = positions[:, -1:] + 1
         finally:
