@@ -43,7 +43,8 @@ def save(run_dir: Path, step: int, model, tokenizer, state: dict, keep: int, wei
             torch.save(state, f)
         files.write_text(tmp / MANIFEST, json.dumps({"step": step, "files": _describe(tmp)}, indent=1))
         files.fsync_tree(tmp)
-        files.remove(final)  # a stale copy of the same step (from a run that was resumed earlier)
+        if final.exists():  # a stale copy of the same step (from a run that was resumed earlier)
+            _discard(final)
         os.rename(tmp, final)
         files.fsync_dir(root)
     except Exception as e:
@@ -139,8 +140,16 @@ def load_state(path: Path) -> dict:
 
 def _prune(root: Path, keep: int) -> None:
     for old in complete(root.parent)[keep:]:
-        files.remove(old)
+        _discard(old)
     _remove_stale(root)
+
+
+def _discard(path: Path) -> None:
+    """Unpublish with one rename, then delete: a kill mid-delete leaves only a hidden temp folder,
+    never a half-deleted step-* that looks published."""
+    hidden = path.with_name(f".tmp-step-{path.name}-{os.getpid()}")
+    os.rename(path, hidden)
+    files.remove(hidden)
 
 
 def _remove_stale(root: Path, pattern: str = ".tmp-step-*") -> None:
