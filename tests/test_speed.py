@@ -1,6 +1,10 @@
-"""The speed levers give the same answers as the plain paths: chunked loss, int8 writing, dropout override."""
+"""The speed levers give the same answers as the plain paths: chunked loss, int8 writing, dropout override,
+fused GELU; and the allocator setting does what it says."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -96,3 +100,43 @@ def test_dropout_override_and_settings_are_validated():
         TrainConfig(head_loss="sparse")
     with pytest.raises(PenwrightError):
         GenerateConfig(quantize="int4")
+    with pytest.raises(PenwrightError):
+        TrainConfig(malloc="jemalloc")
+
+
+def test_fused_gelu_is_the_same_function_and_leaves_the_config_alone(tmp_path):
+    from transformers.activations import GELUTanh
+
+    from penwright.models import fuse_gelu
+
+    model = tiny_gpt2().eval()
+    x = torch.randint(0, 300, (2, 24))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        fuse_gelu(model)
+        after = model(input_ids=x).logits
+    assert isinstance(model.transformer.h[1].mlp.act, GELUTanh)
+    assert torch.allclose(before, after, atol=1e-5)
+    model.save_pretrained(tmp_path)
+    assert '"activation_function": "gelu_new"' in (tmp_path / "config.json").read_text()
+
+
+KEEP = """
+import resource, sys, torch
+from penwright.models import keep_freed_memory
+if sys.argv[1] == "keep":
+    keep_freed_memory()
+big = torch.ones(2 ** 24)  # 64 MB: glibc would map it apart and unmap it when freed
+del big
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+big = torch.ones(2 ** 24)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_kept_memory_is_reused_without_page_faults():
+    faults = {mode: int(subprocess.run([sys.executable, "-c", KEEP, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("keep", "system")}
+    assert faults["system"] > 10_000  # every 4 KB page of the second block faulted in again
+    assert faults["keep"] < 1_000

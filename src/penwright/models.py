@@ -5,6 +5,7 @@ Every model is a plain `transformers` causal LM, so what penwright saves loads w
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -51,6 +52,20 @@ def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = 
         model.hf_quantizer = None
         model.config.__dict__.pop("quantization_config", None)
     return model
+
+
+def fuse_gelu(model) -> None:
+    """Swap GPT-2's `gelu_new`, written as eight elementwise ops, for PyTorch's one-kernel tanh GELU.
+
+    The same function up to rounding, without the seven intermediates autograd would keep; the
+    saved config still says gelu_new.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, NewGELUActivation):
+                setattr(parent, name, GELUTanh())
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:
@@ -110,6 +125,25 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PenwrightError("this GPU has no bf16; use --precision fp16 or fp32")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of handing it back to the system at once.
+
+    A training step allocates and frees gigabytes of activations. By default glibc returns every
+    large block to the kernel when it is freed, so the next step faults each page back in, zeroed:
+    on the 2-core CPU of benchmarks/RESULTS.md that was a third of the step, in kernel time. The
+    process keeps its peak heap instead, which the next step needs again anyway.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    libc.mallopt(M_MMAP_MAX, 0)  # every block from the heap, none mapped and unmapped on its own
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap
 
 
 def bf16_supported(device: torch.device) -> bool:

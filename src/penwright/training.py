@@ -24,7 +24,8 @@ from .config import SampleConfig, TrainConfig
 from .errors import PenwrightError
 from .generate import Writer
 from .losses import IGNORE, linear_cross_entropy
-from .models import context_length, fit_tokenizer, load_model, pick_device, pick_dtype, scratch_model
+from .models import (context_length, fit_tokenizer, fuse_gelu, keep_freed_memory, load_model, pick_device, pick_dtype,
+                     scratch_model)
 from .runs import RunDir
 from .tokens import TokenStore, prepare
 
@@ -255,6 +256,8 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
     resume_from = distributed.share(checkpoint.latest(run.path, log) if cfg.resume and not run.replace and ranks.main else None, ranks)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cpu" and cfg.malloc == "keep":
+        keep_freed_memory()
     dtype = pick_dtype(cfg.precision, device)
     tokenizer = store.tokenizer()
 
@@ -266,6 +269,7 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
     else:
         model = load_model(cfg.model, cfg.allow_pickle, cfg.trust_remote_code)
     fit_tokenizer(model, tokenizer)
+    fuse_gelu(model)
     set_dropout(model, cfg.dropout, cfg.attention_dropout)
     if cfg.lora:
         model = lora.attach(model, cfg.lora, cfg.model, adapter=resume_from)
