@@ -94,8 +94,11 @@ def test_fsdp_with_nproc_shards_saves_plain_hf_and_resumes_unsharded(tmp_path, s
     middle = tmp_path / "fsdp" / "checkpoints" / f"step-{SAVE_AT:08d}"
     model = AutoModelForCausalLM.from_pretrained(middle)
     reference_model = AutoModelForCausalLM.from_pretrained(reference / "checkpoints" / f"step-{SAVE_AT:08d}")
+    # Up to rounding: the fused GELU kernel rounds an element differently (by 1e-7) in its vector
+    # body and its scalar tail, whose place depends on the tensor size and thread count, and
+    # Adam's normalised steps carry that into the weights at a few percent of one step (lr 1e-3).
     for (name, mine), (_, theirs) in zip(model.state_dict().items(), reference_model.state_dict().items()):
-        assert torch.allclose(mine, theirs, atol=1e-5), name
+        assert torch.allclose(mine, theirs, atol=1e-4), name
 
     resume_in_one_process(tmp_path / "fsdp", cfg)  # 2 shards -> 1 unsharded process
     resumed = losses(tmp_path / "fsdp")

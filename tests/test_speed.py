@@ -107,7 +107,7 @@ def test_dropout_override_and_settings_are_validated():
 def test_fused_gelu_is_the_same_function_and_leaves_the_config_alone(tmp_path):
     from transformers.activations import GELUTanh
 
-    from penwright.models import fuse_gelu
+    from penwright.kernels import fuse_gelu
 
     model = tiny_gpt2().eval()
     x = torch.randint(0, 300, (2, 24))
@@ -126,11 +126,12 @@ import resource, sys, torch
 from penwright.models import keep_freed_memory
 if sys.argv[1] == "keep":
     keep_freed_memory()
-big = torch.ones(2 ** 24)  # 64 MB: glibc would map it apart and unmap it when freed
-del big
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-big = torch.ones(2 ** 24)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+for _ in range(4):  # 64 MB blocks, which glibc would map apart and unmap when freed; steady after two
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    big = torch.ones(2 ** 24)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del big
+print(faults)
 """
 
 
@@ -138,5 +139,34 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_kept_memory_is_reused_without_page_faults():
     faults = {mode: int(subprocess.run([sys.executable, "-c", KEEP, mode], capture_output=True, text=True,
                                        check=True).stdout) for mode in ("keep", "system")}
-    assert faults["system"] > 10_000  # every 4 KB page of the second block faulted in again
+    assert faults["system"] > 10_000  # every 4 KB page of the last block faulted in again
     assert faults["keep"] < 1_000
+
+
+def test_cpu_attention_matches_sdpa_in_value_and_gradients(monkeypatch):
+    from penwright.kernels import ATTENTION, use_cpu_attention
+
+    model = tiny_gpt2().eval()
+    x = torch.randint(0, 300, (2, 24))
+    weight = model.transformer.h[0].attn.c_attn.weight
+
+    def logits_and_grad(**kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=x, **kwargs).logits.float()
+        return logits, torch.autograd.grad(logits.square().mean(), weight)[0]
+
+    plain, plain_grad = logits_and_grad()
+    use_cpu_attention(model)
+    assert model.config._attn_implementation == ATTENTION
+    sdpa, calls = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    ours, ours_grad = logits_and_grad()
+    assert not calls  # the unpadded bf16 blocks took penwright's path
+    assert (ours - plain).abs().max() < 0.02 * plain.abs().max()
+    assert (ours_grad - plain_grad).abs().max() < 0.02 * plain_grad.abs().max()
+    with torch.no_grad():  # fp32 and padded batches go to SDPA: the same numbers as before
+        assert torch.allclose(model(input_ids=x).logits, tiny_gpt2().eval()(input_ids=x).logits)
+        padded = torch.tensor([[1] * 24, [0] * 4 + [1] * 20])
+        masked = model(input_ids=x, attention_mask=padded).logits
+        assert torch.allclose(masked[0], model(input_ids=x[:1]).logits[0], atol=1e-5)
+    assert calls

@@ -54,20 +54,6 @@ def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = 
     return model
 
 
-def fuse_gelu(model) -> None:
-    """Swap GPT-2's `gelu_new`, written as eight elementwise ops, for PyTorch's one-kernel tanh GELU.
-
-    The same function up to rounding, without the seven intermediates autograd would keep; the
-    saved config still says gelu_new.
-    """
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, NewGELUActivation):
-                setattr(parent, name, GELUTanh())
-
-
 def _check_weights(path: Path, allow_pickle: bool) -> None:
     if not (path / "config.json").is_file():
         raise PenwrightError(f"{path}: no config.json; not a Hugging Face model directory")

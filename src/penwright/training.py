@@ -24,7 +24,8 @@ from .config import SampleConfig, TrainConfig
 from .errors import PenwrightError
 from .generate import Writer
 from .losses import IGNORE, linear_cross_entropy
-from .models import (context_length, fit_tokenizer, fuse_gelu, keep_freed_memory, load_model, pick_device, pick_dtype,
+from .kernels import fuse_gelu, use_cpu_attention
+from .models import (context_length, fit_tokenizer, keep_freed_memory, load_model, pick_device, pick_dtype,
                      scratch_model)
 from .runs import RunDir
 from .tokens import TokenStore, prepare
@@ -270,6 +271,8 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
         model = load_model(cfg.model, cfg.allow_pickle, cfg.trust_remote_code)
     fit_tokenizer(model, tokenizer)
     fuse_gelu(model)
+    if device.type == "cpu":
+        use_cpu_attention(model)
     set_dropout(model, cfg.dropout, cfg.attention_dropout)
     if cfg.lora:
         model = lora.attach(model, cfg.lora, cfg.model, adapter=resume_from)
