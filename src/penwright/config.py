@@ -171,6 +171,8 @@ class TrainConfig(PrepareConfig):
     threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores)")
     malloc: Literal["keep", "system"] = opt("keep", "on CPU, keep freed memory for the next step (no page "
                                                    "faults, faster) or hand it back to the system at once")
+    attention: Literal["auto", "sdpa"] = opt("auto", "attention kernel while training: auto (on CPU in bf16, three "
+                                                     "plain matmul ops, about twice as fast as sdpa there) or sdpa")
     nproc: int = opt(1, "processes to train with on this machine, one per GPU (launches torchrun)")
     fsdp: bool = opt(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2) "
                             "instead of replicating them (DDP)")
@@ -185,6 +187,7 @@ class TrainConfig(PrepareConfig):
         _check(self.block_size is None or self.block_size >= 8, f"--block-size must be at least 8, got {self.block_size}")
         _check(self.head_loss in ("chunked", "full"), f"--head-loss must be chunked or full, got {self.head_loss!r}")
         _check(self.malloc in ("keep", "system"), f"--malloc must be keep or system, got {self.malloc!r}")
+        _check(self.attention in ("auto", "sdpa"), f"--attention must be auto or sdpa, got {self.attention!r}")
         _check(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         _check(0 <= self.attention_dropout < 1, f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
         _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")

@@ -271,7 +271,7 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
         model = load_model(cfg.model, cfg.allow_pickle, cfg.trust_remote_code)
     fit_tokenizer(model, tokenizer)
     fuse_gelu(model)
-    if device.type == "cpu":
+    if device.type == "cpu" and cfg.attention == "auto":
         use_cpu_attention(model)
     set_dropout(model, cfg.dropout, cfg.attention_dropout)
     if cfg.lora:
