@@ -12,6 +12,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from . import sources
+from .devices import bf16_supported, pick_device, pick_dtype  # noqa: F401 (re-exported)
 from .errors import PenwrightError
 
 hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the training bar
@@ -91,28 +92,6 @@ def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> 
 
 # --- hardware ---------------------------------------------------------------------------------
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PenwrightError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise PenwrightError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-
-
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for `--precision`; auto is bf16 where the hardware does it natively."""
-    if precision == "auto":
-        precision = "bf16" if bf16_supported(device) else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise PenwrightError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise PenwrightError("this GPU has no bf16; use --precision fp16 or fp32")
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
 
 
@@ -130,9 +109,3 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(M_MMAP_MAX, 0)  # every block from the heap, none mapped and unmapped on its own
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap
-
-
-def bf16_supported(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
