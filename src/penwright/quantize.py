@@ -32,16 +32,16 @@ class Int8Linear(nn.Module):
 
 
 def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Swap every linear layer (and GPT-2's transposed Conv1D) for an `Int8Linear`, in place.
+    """Swap every linear layer (and HF GPT-2's transposed Conv1D) for an `Int8Linear`, in place.
 
     Embeddings stay as they are, so a head tied to the input embedding gets its own int8 copy.
+    Conv1D is known by its class name: importing transformers costs penwright's own GPT-2
+    (gpt2.py, which also calls this) its fast start.
     """
-    from transformers.pytorch_utils import Conv1D
-
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(parent, name, Int8Linear(child.weight, child.bias, dtype))
-            elif isinstance(child, Conv1D):  # stores (in, out): transpose to (out, in)
+            elif type(child).__name__ == "Conv1D":  # stores (in, out): transpose to (out, in)
                 setattr(parent, name, Int8Linear(child.weight.T, child.bias, dtype))
     return model

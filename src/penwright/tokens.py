@@ -57,6 +57,48 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
     return _with_eos_and_pad(tokenizer, spec)
 
 
+class TextTokenizer:
+    """What writing needs of a tokenizer, read from a model folder with the `tokenizers` package alone.
+
+    For penwright's own GPT-2 (gpt2.py): transformers' tokenizer classes take seconds to import.
+    The Rust tokenizer in tokenizer.json is the one transformers would wrap, so the ids are the same.
+    """
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        self.backend_tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        settings = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+            try:
+                settings.update(json.loads((path / name).read_text()))
+            except (OSError, ValueError):
+                pass
+        self.eos_token = _token_text(settings.get("eos_token")) or EOS
+        self.eos_token_id = self.backend_tokenizer.token_to_id(self.eos_token)
+        if self.eos_token_id is None:
+            raise PenwrightError(f"{path}: the tokenizer has no end-of-text token {self.eos_token!r}")
+        self.pad_token_id = self.backend_tokenizer.token_to_id(_token_text(settings.get("pad_token")) or self.eos_token)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend_tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def get_added_vocab(self) -> dict[str, int]:
+        return {token.content: i for i, token in self.backend_tokenizer.get_added_tokens_decoder().items()}
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+def _token_text(token) -> str | None:
+    """A special token as tokenizer configs write it: a string, or an AddedToken's dict."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
 def train_tokenizer(texts: list[str], vocab_size: int):
     """A byte-level BPE (GPT-2's scheme) trained on `texts`, for models trained from scratch."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
