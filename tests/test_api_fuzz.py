@@ -51,8 +51,8 @@ headers = st.fixed_dictionaries({}, optional={
 
 @pytest.fixture(scope="module")
 def client(tiny_run):
-    writer = load(str(tiny_run), precision="fp32", device="cpu", log=lambda *_: None)
-    chatty = load(str(tiny_run), precision="fp32", device="cpu", log=lambda *_: None)
+    writer = load(str(tiny_run), precision="fp32", device="cpu", log=lambda *_: None, engine="hf")  # as served
+    chatty = load(str(tiny_run), precision="fp32", device="cpu", log=lambda *_: None, engine="hf")
     chatty.tokenizer.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
     cfg = ServeConfig(api_key=KEY, max_prompt_tokens=40, max_tokens_cap=4, max_body_bytes=2_000, timeout=20)
     with TestClient(create_app(cfg, {"tiny": writer, "chatty": chatty}), raise_server_exceptions=False) as client:

@@ -55,7 +55,7 @@ def test_sliding_windows_score_every_token_once_within_the_context():
 @pytest.mark.parametrize("label, prompt", [(None, None), ("horror", "Title: The Cellar\nStory:")])
 def test_perplexity_matches_a_direct_computation(tiny_run, label, prompt):
     """Only the text is scored; the label's control token and the prompt are context."""
-    writer = load(str(tiny_run), "fp32", "cpu", **quiet)
+    writer = load(str(tiny_run), "fp32", "cpu", engine="hf", **quiet)  # as `penwright eval` loads it
     text = "When the lights went out, the old house began to sing."
     got = perplexity(writer, [Document(text, label, prompt)])
 
@@ -76,7 +76,7 @@ def test_sliding_window_with_stride_one_predicts_each_token_from_the_full_contex
     """With stride 1 every token past the first window sees exactly `context` tokens before it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tokenizer = load(str(tiny_run), "fp32", "cpu", **quiet).tokenizer
+    tokenizer = load(str(tiny_run), "fp32", "cpu", engine="hf", **quiet).tokenizer
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_layer=1, n_head=2, n_embd=32, n_positions=12)
     model = GPT2LMHeadModel(config).eval()

@@ -31,10 +31,12 @@ def test_stream_writes_the_same_text_as_batch(writer):
 def test_labels_condition_generation_and_unknown_label_is_refused(writer):
     assert set(writer.labels) == {"horror", "romance", "scifi", "fantasy", "mystery", "comedy"}
     ids, _ = writer._prompt_ids("Hello", SampleConfig(label="horror"))
-    assert ids[1] == writer.tokenizer.convert_tokens_to_ids("<|genre=horror|>")
-    with torch.no_grad():
-        first = {g: writer.model(torch.tensor([writer._prompt_ids(None, SampleConfig(label=g))[0]])).logits[0, -1]
-                 for g in ("horror", "comedy")}
+    assert [ids[1]] == writer.tokenizer.encode("<|genre=horror|>"), "one control token, never split"
+    first = {}
+    with torch.inference_mode():
+        for g in ("horror", "comedy"):
+            x = torch.tensor([writer._prompt_ids(None, SampleConfig(label=g))[0]])
+            first[g] = writer._stepper().first(x, torch.ones_like(x), 1)[0]
     assert not torch.allclose(first["horror"], first["comedy"]), "the label changes what comes next"
     assert len(writer.generate(None, label="horror", seed=3, max_new_tokens=20)[0]) > 0
     with pytest.raises(PenwrightError, match="unknown label 'western'; this model knows: comedy, fantasy"):
@@ -59,6 +61,9 @@ def test_pick_tokens_settings():
     assert {pick_tokens(logits, SampleConfig(top_k=1), g, seen).item() for _ in range(20)} == {1}
     assert {pick_tokens(logits, SampleConfig(top_p=0.3), g, seen).item() for _ in range(20)} == {1}
     assert {pick_tokens(logits, SampleConfig(top_k=2), g, seen).item() for _ in range(50)} == {1, 2}
+    rows = torch.tensor([[1.0, 3.0, 2.0, 0.5], [4.0, 0.0, 0.0, 3.9]])  # each row keeps its own likeliest ids
+    picks = [pick_tokens(rows, SampleConfig(top_k=2, top_p=0.99), g, seen.expand(2, 1)).tolist() for _ in range(60)]
+    assert {a for a, _ in picks} == {1, 2} and {b for _, b in picks} == {0, 3}
     penalised = pick_tokens(logits, SampleConfig(greedy=True, repetition_penalty=10.0), g, torch.tensor([[1]]))
     assert penalised.item() == 2
 

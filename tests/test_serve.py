@@ -52,7 +52,7 @@ class SlowWriter(Writer):
 
 
 def writer_from(run, cls=Writer) -> Writer:
-    plain = load(str(run), precision="fp32", device="cpu", log=lambda *_: None)
+    plain = load(str(run), precision="fp32", device="cpu", log=lambda *_: None, engine="hf")  # as the server loads it
     return cls(plain.model, plain.tokenizer, log=plain.log)
 
 

@@ -166,7 +166,8 @@ def _writer(cfg: GenerateConfig):
 
     if not cfg.model:
         raise PenwrightError("no model given: pass --model runs/NAME (or a model directory, hub id or .gguf)")
-    return load(cfg.model, cfg.precision, cfg.device, cfg.allow_pickle, log=warn, quantize=cfg.quantize)
+    return load(cfg.model, cfg.precision, cfg.device, cfg.allow_pickle, log=warn, quantize=cfg.quantize,
+                engine=cfg.engine)
 
 
 def cmd_generate(cfg: GenerateConfig) -> None:

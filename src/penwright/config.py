@@ -263,6 +263,10 @@ class GenerateConfig(SampleConfig):
     allow_pickle: bool = opt(False, "allow loading pickled .bin/.pt weights (they can run code)")
     quantize: Literal["int8", "none"] = opt("int8", "on CPU in bf16, store weights as int8 for faster writing "
                                                     "(text within 1%% perplexity of fp32), or none")
+    engine: Literal["auto", "penwright", "hf"] = opt(
+        "auto", "what runs the model: penwright (its own GPT-2, fast to start and to write; local GPT-2 "
+                "folders with model.safetensors and tokenizer.json), hf (transformers: any causal LM, hub "
+                "ids, .gguf, LoRA runs), or auto (penwright where it can, else hf)")
 
     def __post_init__(self):
         super().__post_init__()

@@ -50,7 +50,8 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
               "models": {}}
     for spec in cfg.model:
         log(f"evaluating {spec}")
-        writer = load(spec, cfg.precision, cfg.device, log=lambda *_: None)  # long prompts are cut on purpose
+        # transformers' engine: perplexity runs writer.model on whole windows; long prompts are cut on purpose
+        writer = load(spec, cfg.precision, cfg.device, log=lambda *_: None, engine="hf")
         report["models"][spec] = score(writer, docs, cfg, train_texts, label_test=True)
         del writer  # free this model before the next one loads
     if out:

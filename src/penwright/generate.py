@@ -1,8 +1,11 @@
 """Writing text with a model: sampling, batching, stop strings, sentence trimming, streaming.
 
-`Writer` wraps any HF causal LM and its tokenizer. One decode loop (`_decode`) serves every use:
-it prefills the prompts once, then feeds one token per step through the KV cache and yields
-the new tokens, so batch generation, streaming and the server share the same code.
+`Writer` wraps a model and its tokenizer: any HF causal LM, or penwright's own GPT-2 (gpt2.py).
+One decode loop (`_decode`) serves every use: it prefills the prompts once, then feeds one token
+per step through the KV cache and yields the new tokens, so batch generation, streaming and the
+server share the same code. A stepper per engine (`HFStepper`, `gpt2.Stepper`) hides how a model
+is fed: `first(prompt ids, padding mask, steps)` and `next(new ids)` each return the logits of the
+next token.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 import re
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
+from . import gpt2
 from .config import SampleConfig
 from .errors import PenwrightError
 
@@ -36,9 +41,12 @@ class Writer:
         self.model, self.tokenizer, self.log = model, tokenizer, log
         self.device = next(model.parameters()).device
         self.autocast = autocast
-        from .models import context_length
+        if isinstance(model, gpt2.GPT):
+            self.context = model.config.n_positions
+        else:
+            from .models import context_length
 
-        self.context = context_length(model)
+            self.context = context_length(model)
         self.labels = {}  # label value -> control token id
         for token, token_id in tokenizer.get_added_vocab().items():
             if match := CONTROL.match(token):
@@ -122,28 +130,28 @@ class Writer:
             body = body[len(body) - room:]
         return head + body, max_new
 
+    def _stepper(self):
+        if isinstance(self.model, gpt2.GPT):
+            return gpt2.Stepper(self.model)
+        return HFStepper(self.model, self.autocast)
+
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], cfg: SampleConfig, generator) -> Iterator[dict]:
         """Yield, per step, {row: new token id, or None when that row just finished}."""
-        model, eos = self.model, self.tokenizer.eos_token_id
+        model, eos, stepper = self.model, self.tokenizer.eos_token_id, self._stepper()
         width = max(map(len, prompts))
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
         seen = ids.masked_fill(mask == 0, -1)
         done = [False] * len(prompts)
         texts = [[] for _ in prompts]
-        past = None
         was_training = model.training
         model.eval()
         try:
-            for _ in range(cfg.max_new_tokens):
-                with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
-                    out = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                choice = pick_tokens(out.logits[:, -1, :], cfg, generator, seen)
+            for n in range(cfg.max_new_tokens):
+                logits = stepper.next(ids) if n else stepper.first(ids, mask, cfg.max_new_tokens)
+                choice = pick_tokens(logits, cfg, generator, seen)
                 step = {}
                 for row, token in enumerate(choice.tolist()):
                     if done[row]:
@@ -160,10 +168,32 @@ class Writer:
                 ids = choice[:, None]
                 if cfg.repetition_penalty != 1.0:  # the only reader of the history
                     seen = torch.cat([seen, ids], dim=1)
-                mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
-                positions = positions[:, -1:] + 1
         finally:
             model.train(was_training)
+
+
+class HFStepper:
+    """Feeds an HF causal LM: grows its attention mask and positions, keeps its past_key_values."""
+
+    def __init__(self, model, autocast: torch.dtype | None):
+        self.model, self.autocast = model, autocast
+
+    def first(self, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+        self.mask, self.past = mask, None
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        return self._forward(ids)
+
+    def next(self, ids: torch.Tensor) -> torch.Tensor:
+        self.mask = torch.cat([self.mask, torch.ones_like(ids)], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+        return self._forward(ids)
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(ids.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+            out = self.model(input_ids=ids, attention_mask=self.mask, position_ids=self.positions,
+                             past_key_values=self.past, use_cache=True)
+        self.past = out.past_key_values
+        return out.logits[:, -1, :]
 
 
 def _hit_stop(tokenizer, tokens: list[int], stops: list[str]) -> bool:
@@ -183,16 +213,19 @@ def pick_tokens(logits: torch.Tensor, cfg: SampleConfig, generator, seen: torch.
         logits = logits.scatter(1, index, torch.where(seen >= 0, scores, logits.gather(1, index)))
     if cfg.greedy:
         return logits.argmax(-1)
-    logits = (logits - logits.max(-1, keepdim=True).values) / cfg.temperature  # no overflow for tiny temperatures
+    # The k likeliest first (sorted, as top-p needs): softmax and sampling then read k scores, not the vocabulary.
+    order = None
     if 0 < cfg.top_k < logits.size(-1):
-        kth = torch.topk(logits, cfg.top_k).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, order = torch.topk(logits, cfg.top_k)
+    elif cfg.top_p < 1.0:
+        logits, order = torch.sort(logits, descending=True)
+    logits = (logits - logits.max(-1, keepdim=True).values) / cfg.temperature  # no overflow for tiny temperatures
     if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = sorted_logits.softmax(-1)
+        probs = logits.softmax(-1)
         drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest set reaching top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+        logits = logits.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return (choice if order is None else order.gather(1, choice)).squeeze(1)
 
 
 def finish(text: str, cfg: SampleConfig, final: bool = True) -> tuple[str, bool]:
@@ -223,29 +256,48 @@ def finish(text: str, cfg: SampleConfig, final: bool = True) -> tuple[str, bool]
 
 
 def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle: bool = False, log=print,
-         quantize: str = "none") -> Writer:
+         quantize: str = "none", engine: str = "auto") -> Writer:
     """Load a run dir (or any HF model dir, hub id or .gguf) for writing; a LoRA run is merged into its base.
 
     `quantize="int8"` stores the weights as int8 when writing in bf16 on CPU (quantize.py).
+    `engine`: "penwright" writes with penwright's own GPT-2 (gpt2.py), "hf" with transformers,
+    "auto" with penwright's wherever it can (see gpt2.unsupported). Only "hf" gives a Writer whose
+    `model` and `tokenizer` are transformers' own (`penwright eval` and the server use them).
     """
-    from . import lora
-    from .models import load_model, pick_device, pick_dtype
+    from .devices import pick_device, pick_dtype
     from .runs import check_finished, learned_context
-    from .tokens import load_tokenizer
 
     check_finished(spec)
     target = pick_device(device)
     dtype = pick_dtype(precision, target)
+    int8 = quantize == "int8" and target.type == "cpu" and dtype == torch.bfloat16
+    reason = "--engine hf" if engine == "hf" else gpt2.unsupported(spec)
+    if engine == "penwright" and reason:
+        raise PenwrightError(f"--engine penwright cannot write with {spec}: {reason}; use --engine hf")
+    if reason is None:
+        from .tokens import TextTokenizer
+
+        model, tokenizer = gpt2.load(spec, dtype, int8).to(target), TextTokenizer(Path(spec).expanduser())
+    else:
+        model, tokenizer = _hf_model(spec, dtype, target, allow_pickle, int8)
+    writer = Writer(model, tokenizer, log=log)
+    writer.context = min(writer.context, learned_context(spec) or writer.context)
+    return writer
+
+
+def _hf_model(spec: str, dtype: torch.dtype, target: torch.device, allow_pickle: bool, int8: bool):
+    """An HF causal LM and its tokenizer, through transformers."""
+    from . import lora
+    from .models import load_model
+    from .tokens import load_tokenizer
+
     tokenizer = load_tokenizer(spec)
     if lora.is_adapter(spec):
         model = lora.merged(spec, tokenizer, dtype, allow_pickle).to(target)
     else:
         model = load_model(spec, allow_pickle=allow_pickle, dtype=dtype).to(target)
-    if quantize == "int8" and target.type == "cpu" and dtype == torch.bfloat16:
+    if int8:
         from .quantize import quantize_int8
 
         quantize_int8(model)
-    writer = Writer(model, tokenizer, log=log)
-    writer.context = min(writer.context, learned_context(spec) or writer.context)
-    return writer
-
+    return model, tokenizer

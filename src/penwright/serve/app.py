@@ -55,7 +55,8 @@ def as_api_error(e: Exception) -> ApiError:
 def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
     if not cfg.model:
         raise PenwrightError("no model given: pass --model runs/NAME (repeatable; --model NAME=PATH names it)")
-    return {name: load(path, cfg.precision, cfg.device, log=log) for name, path in cfg.models().items()}
+    # transformers' engine: chat templates and token counts use its tokenizer
+    return {name: load(path, cfg.precision, cfg.device, log=log, engine="hf") for name, path in cfg.models().items()}
 
 
 def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=print) -> FastAPI:
