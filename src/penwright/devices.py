@@ -1,9 +1,12 @@
-"""Devices and precision: which device `--device` names and which dtype `--precision` computes in.
+"""Devices and precision: which device `--device` names and which dtype `--precision` computes in;
+the CPU allocator setting for training.
 
 Apart from models.py so that penwright's own GPT-2 (gpt2.py) can pick them without importing transformers.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 
@@ -36,3 +39,22 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of handing it back to the system at once.
+
+    A training step allocates and frees gigabytes of activations. By default glibc returns every
+    large block to the kernel when it is freed, so the next step faults each page back in, zeroed:
+    on the 2-core CPU of benchmarks/RESULTS.md that was a third of the step, in kernel time. The
+    process keeps its peak heap instead, which the next step needs again anyway.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return
+    libc.mallopt(M_MMAP_MAX, 0)  # every block from the heap, none mapped and unmapped on its own
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap

@@ -5,7 +5,6 @@ Every model is a plain `transformers` causal LM, so what penwright saves loads w
 
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -88,24 +87,3 @@ def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> 
     `state_dict` replaces the model's own weights (FSDP gathers them into one for rank 0)."""
     model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(path)
-
-
-# --- hardware ---------------------------------------------------------------------------------
-
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
-
-
-def keep_freed_memory() -> None:
-    """Make glibc keep freed memory for reuse instead of handing it back to the system at once.
-
-    A training step allocates and frees gigabytes of activations. By default glibc returns every
-    large block to the kernel when it is freed, so the next step faults each page back in, zeroed:
-    on the 2-core CPU of benchmarks/RESULTS.md that was a third of the step, in kernel time. The
-    process keeps its peak heap instead, which the next step needs again anyway.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, musl): nothing to tune
-        return
-    libc.mallopt(M_MMAP_MAX, 0)  # every block from the heap, none mapped and unmapped on its own
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap

@@ -25,8 +25,8 @@ from .errors import PenwrightError
 from .generate import Writer
 from .losses import IGNORE, linear_cross_entropy
 from .kernels import fuse_gelu, use_cpu_attention
-from .models import (context_length, fit_tokenizer, keep_freed_memory, load_model, pick_device, pick_dtype,
-                     scratch_model)
+from .devices import keep_freed_memory, pick_device, pick_dtype
+from .models import context_length, fit_tokenizer, load_model, scratch_model
 from .runs import RunDir
 from .tokens import TokenStore, prepare
 
