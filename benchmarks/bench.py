@@ -356,7 +356,8 @@ def prompt_text(s, tokenizer) -> str:
 # --- quality of the faster writing path ---------------------------------------------------------
 
 def bench_quality(s, results) -> dict:
-    """Validation perplexity and greedy agreement of bf16 and int8 writing against fp32.
+    """Validation perplexity and greedy agreement of bf16 and int8 writing against fp32, all with
+    penwright's own GPT-2 (the engine `penwright generate` uses for these models).
 
     On the small model trained for the cold-start test (random weights would make every path
     equally meaningless) and, for scale, on the untrained 124M model.
@@ -369,7 +370,7 @@ def quality(s, model: Path) -> dict:
 
     paths = {"fp32": dict(precision="fp32"), "bf16": dict(precision="bf16", quantize="none"),
              "int8": dict(precision="bf16", quantize="int8")}
-    writers = {name: load(str(model), **kw, **QUIET) for name, kw in paths.items()}
+    writers = {name: load(str(model), **kw, engine="penwright", **QUIET) for name, kw in paths.items()}
     tokenizer = writers["fp32"].tokenizer
     text = Path(s.data).read_text()
     val = tokenizer.encode(text[int(len(text) * 0.9):], add_special_tokens=False)
@@ -410,7 +411,7 @@ def perplexity(writer, ids: list[int], windows: int = 16) -> float:
             chunk = x[start:start + 4 * block + 1]
             rows = (len(chunk) - 1) // block
             inputs, targets = chunk[:rows * block].view(rows, block), chunk[1:rows * block + 1].view(rows, block)
-            logits = writer.model(input_ids=inputs).logits.float()
+            logits = writer.model(inputs).float()  # penwright's GPT-2: logits at every position
             total += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
     return float(torch.tensor(total / (windows * block)).exp())
 
@@ -525,9 +526,9 @@ def write_markdown(r: dict) -> None:
                   for b in (1, 8)]
         lines += [""]
     if "quality" in r:
-        lines += ["Quality of the faster writing paths against fp32: validation perplexity (16 windows of 256 "
-                  "tokens from the last 10% of the data) and the share of identical greedy tokens over 64 steps "
-                  "after 8 prompts.", "", "| model | path | val perplexity | vs fp32 | identical greedy tokens |",
+        lines += ["Quality of the faster writing paths against fp32, on penwright's own GPT-2: validation perplexity "
+                  "(16 windows of 256 tokens from the last 10% of the data) and the share of identical greedy tokens "
+                  "over 64 steps after 8 prompts.", "", "| model | path | val perplexity | vs fp32 | identical greedy tokens |",
                   "| --- | --- | --- | --- | --- |"]
         for model, rows in r["quality"].items():
             lines += [f"| {model} | {path} | {row['val_ppl']} | {row.get('ppl_vs_fp32', 0):+.2%} | "
