@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--block", type=int, help="training block size (default 512, quick 256)")
     parser.add_argument("--batch", type=int, help="training batch size (default 4, quick 2)")
-    parser.add_argument("--steps", type=int, help="training steps per run, the first a warm-up (default 3, quick 2)")
+    parser.add_argument("--steps", type=int, help="training steps per run, the first a warm-up (default 6, quick 2)")
     parser.add_argument("--rounds", type=int, help="training runs per contender (default 2, quick 1)")
     parser.add_argument("--new-tokens", type=int, help="tokens to generate per sample (default 128, quick 32)")
     parser.add_argument("--no-levers", action="store_true", help="skip the training runs that change one default")
@@ -84,7 +84,7 @@ class Settings:
         self.data, self.tokenizer, self.work = args.data, args.tokenizer, Path(args.work)
         q = args.quick
         self.block, self.batch = (256, 2) if q else (512, 4)
-        self.train_steps = 2 if q else 3  # the first of each run is its warm-up
+        self.train_steps = 2 if q else 6  # the first of each run is its warm-up
         self.train_rounds = 1 if q else 2
         self.prompt_tokens, self.new_tokens = 32, 32 if q else 128
         self.gen_reps = 1 if q else 3

@@ -65,5 +65,7 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
     with torch.autocast("cpu", enabled=False):  # a bf16 softmax: autocast would make it fp32, twice the memory
         q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
         scores = (q @ k.transpose(-1, -2)).mul_(scale).masked_fill_(mask, float("-inf"))
-        probs = torch.nn.functional.dropout(scores.softmax(-1), dropout, module.training)
+        probs = scores.softmax(-1)
+        if dropout and module.training:
+            probs = torch.nn.functional.dropout(probs, dropout)
         return (probs @ v).transpose(1, 2), None
