@@ -183,7 +183,7 @@ TRAINERS = {  # name -> (kind, penwright TrainConfig overrides or HF bf16)
 LEVERS = {  # penwright with one default changed, to show what each lever buys
     "penwright --attention-dropout 0.1 (GPT-2's own)": ("penwright", {"attention_dropout": 0.1}),
     "penwright --head-loss full": ("penwright", {"head_loss": "full"}),
-    "penwright --attention sdpa": ("penwright", {"attention": "sdpa"}),
+    "penwright --attention-dropout 0.1 --attention sdpa": ("penwright", {"attention_dropout": 0.1, "attention": "sdpa"}),
     "penwright --malloc system": ("penwright", {"malloc": "system"}),
 }
 

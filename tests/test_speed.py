@@ -144,16 +144,17 @@ def test_kept_memory_is_reused_instead_of_faulted_in_again():
     assert faults["keep"] < faults["system"] / 3  # a steady heap: only fragmentation grows it
 
 
-def test_cpu_attention_matches_sdpa_in_value_and_gradients(monkeypatch):
+def test_cpu_attention_with_dropout_matches_sdpa_and_drops(monkeypatch):
     from penwright.kernels import ATTENTION, use_cpu_attention
 
-    model = tiny_gpt2().eval()
+    model = tiny_gpt2().train()
+    set_dropout(model, 0.0, 1e-9)  # dropout on attention only, and so little that nothing is dropped
     x = torch.randint(0, 300, (2, 24))
     weight = model.transformer.h[0].attn.c_attn.weight
 
-    def logits_and_grad(**kwargs):
+    def logits_and_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(input_ids=x, **kwargs).logits.float()
+            logits = model(input_ids=x).logits.float()
         return logits, torch.autograd.grad(logits.square().mean(), weight)[0]
 
     plain, plain_grad = logits_and_grad()
@@ -162,12 +163,15 @@ def test_cpu_attention_matches_sdpa_in_value_and_gradients(monkeypatch):
     sdpa, calls = F.scaled_dot_product_attention, []
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     ours, ours_grad = logits_and_grad()
-    assert not calls  # the unpadded bf16 blocks took penwright's path
+    assert not calls  # bf16 blocks with attention dropout took the plain ops
     assert (ours - plain).abs().max() < 0.02 * plain.abs().max()
     assert (ours_grad - plain_grad).abs().max() < 0.02 * plain_grad.abs().max()
-    with torch.no_grad():  # fp32 and padded batches go to SDPA: the same numbers as before
-        assert torch.allclose(model(input_ids=x).logits, tiny_gpt2().eval()(input_ids=x).logits)
-        padded = torch.tensor([[1] * 24, [0] * 4 + [1] * 20])
-        masked = model(input_ids=x, attention_mask=padded).logits
-        assert torch.allclose(masked[0], model(input_ids=x[:1]).logits[0], atol=1e-5)
-    assert calls
+    set_dropout(model, 0.0, 0.5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dropped = model(input_ids=x).logits.float()
+    assert (dropped - plain).abs().max() > 0.1 * plain.abs().max()
+    model.eval()  # no dropout, padded batches: SDPA as before
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=x)
+        model(input_ids=x, attention_mask=torch.tensor([[1] * 24, [0] * 4 + [1] * 20]))
+    assert len(calls) == 2 * model.config.n_layer

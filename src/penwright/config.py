@@ -166,13 +166,14 @@ class TrainConfig(PrepareConfig):
                                                 "(never holds all logits; less memory) or full")
     dropout: float | None = opt(None, "dropout while training, except on attention probabilities "
                                       "(default: the model's own, 0.1 for GPT-2; 0 is faster)")
-    attention_dropout: float = opt(0.0, "dropout on attention probabilities while training; 0, as in most recent "
-                                        "models, keeps PyTorch's fused attention kernel (faster, less memory)")
+    attention_dropout: float = opt(0.0, "dropout on attention probabilities while training; 0 as in most recent "
+                                        "models (GPT-2's own is 0.1; less memory without it)")
     threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores)")
     malloc: Literal["keep", "system"] = opt("keep", "on CPU, keep freed memory for the next step (no page "
                                                    "faults, faster) or hand it back to the system at once")
-    attention: Literal["auto", "sdpa"] = opt("auto", "attention kernel while training: auto (on CPU in bf16, three "
-                                                     "plain matmul ops, about twice as fast as sdpa there) or sdpa")
+    attention: Literal["auto", "sdpa"] = opt("auto", "attention kernel while training: auto (SDPA, except on CPU in "
+                                                     "bf16 with attention dropout: three plain ops, several times "
+                                                     "faster than SDPA's unfused path there) or sdpa")
     nproc: int = opt(1, "processes to train with on this machine, one per GPU (launches torchrun)")
     fsdp: bool = opt(False, "under torchrun, shard parameters, gradients and optimizer state (FSDP2) "
                             "instead of replicating them (DDP)")

@@ -42,17 +42,19 @@ _causal_masks: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 def causal_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs):
-    """Causal self-attention over whole blocks on CPU under bf16 autocast, as three plain ops.
+    """Causal self-attention with dropout on its probabilities, on CPU under bf16 autocast, as
+    three plain ops.
 
-    PyTorch's fused CPU attention kernel takes about twice as long as this for GPT-2's
-    512-token blocks in bf16, forward and backward; the price is one (tokens x tokens) matrix
-    of probabilities per layer kept for backward, about 25 MB at 4 x 512 tokens. fp32, padded
-    batches, cached decoding and GPUs go to SDPA as before.
+    PyTorch's fused CPU attention kernel has no dropout, so with attention dropout (GPT-2's own
+    is 0.1) SDPA falls back to its unfused math path, about four times slower than these ops at
+    512 tokens; with them a GPT-2 124M step runs at the speed of the fused kernel without dropout
+    (benchmarks/RESULTS.md), for one (tokens x tokens) matrix of probabilities per layer kept for
+    backward. Everything else (no dropout, fp32, padded batches, cached decoding, GPUs) goes to SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     length = query.shape[2]
-    if (attention_mask is not None or key.shape[2] != length or query.device.type != "cpu"
+    if (not dropout or attention_mask is not None or key.shape[2] != length or query.device.type != "cpu"
             or not torch.is_autocast_enabled("cpu")):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -65,7 +67,5 @@ def causal_attention(module, query, key, value, attention_mask, dropout: float =
     with torch.autocast("cpu", enabled=False):  # a bf16 softmax: autocast would make it fp32, twice the memory
         q, k, v = query.to(dtype), key.to(dtype), value.to(dtype)
         scores = (q @ k.transpose(-1, -2)).mul_(scale).masked_fill_(mask, float("-inf"))
-        probs = scores.softmax(-1)
-        if dropout and module.training:
-            probs = torch.nn.functional.dropout(probs, dropout)
+        probs = torch.nn.functional.dropout(scores.softmax(-1), dropout)
         return (probs @ v).transpose(1, 2), None
