@@ -33,6 +33,9 @@ ROOT = HERE.parent
 SHARED = ROOT.parent / "shared" / "data"
 SECTIONS = ("matmul", "train", "generate", "quality", "prepare", "coldstart")
 QUIET = dict(log=lambda *_: None)
+# Untimed steps at the start of each training run: the first allocates everything (the optimizer
+# state among it), and the second still grows the heap around what the first left behind.
+WARMUP_STEPS = 2
 
 
 def main() -> None:
@@ -45,7 +48,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     parser.add_argument("--block", type=int, help="training block size (default 512, quick 256)")
     parser.add_argument("--batch", type=int, help="training batch size (default 4, quick 2)")
-    parser.add_argument("--steps", type=int, help="training steps per run, the first a warm-up (default 6, quick 2)")
+    parser.add_argument("--steps", type=int, help=f"training steps per run, the first {WARMUP_STEPS} untimed (default 7, quick 3)")
     parser.add_argument("--rounds", type=int, help="training runs per contender (default 2, quick 1)")
     parser.add_argument("--new-tokens", type=int, help="tokens to generate per sample (default 128, quick 32)")
     parser.add_argument("--no-levers", action="store_true", help="skip the training runs that change one default")
@@ -84,7 +87,7 @@ class Settings:
         self.data, self.tokenizer, self.work = args.data, args.tokenizer, Path(args.work)
         q = args.quick
         self.block, self.batch = (256, 2) if q else (512, 4)
-        self.train_steps = 2 if q else 6  # the first of each run is its warm-up
+        self.train_steps = 3 if q else 7  # the first WARMUP_STEPS of each run are its warm-up
         self.train_rounds = 1 if q else 2
         self.prompt_tokens, self.new_tokens = 32, 32 if q else 128
         self.gen_reps = 1 if q else 3
@@ -226,7 +229,7 @@ def train_flops_per_token(block: int, layers=12, width=768, vocab=50257) -> int:
 
 
 def _child(spec: dict) -> dict:
-    """One training run in its own process: seconds per timed step (after the warm-up step) and peak RSS."""
+    """One training run in its own process: seconds per timed step (after the warm-up steps) and peak RSS."""
     shutil.rmtree(spec["work"], ignore_errors=True)
     done = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     if done.returncode:
@@ -263,7 +266,7 @@ def train_penwright(spec: dict) -> tuple[list[float], float]:
     train(cfg, **QUIET)
     records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [spec["block"] * spec["batch"] / r["tokens_per_s"] for r in records if "tokens_per_s" in r]
-    return steps[1:], rss[0]  # the first step includes warm-up
+    return steps[WARMUP_STEPS:], rss[0]
 
 
 def train_hf(spec: dict) -> tuple[list[float], float]:
@@ -293,7 +296,7 @@ def train_hf(spec: dict) -> tuple[list[float], float]:
 
     Trainer(model=model, args=args, train_dataset=blocks, data_collator=default_data_collator,
             callbacks=[Clock()]).train()
-    return [b - a for a, b in zip(ends, ends[1:])], rss[0]  # timed from the end of the first (warm-up) step
+    return [b - a for a, b in zip(ends[WARMUP_STEPS - 1:], ends[WARMUP_STEPS:])], rss[0]  # timed after the warm-up
 
 
 def group_texts(batch: dict, block: int) -> dict:
@@ -502,7 +505,7 @@ def write_markdown(r: dict) -> None:
     if "train" in r:
         t = r["train"]
         lines += [f"Training: GPT-2 124M, block {r['settings']['block']}, batch {r['settings']['batch']} "
-                  f"({t['tokens_per_step']} tokens/step), median of {r['settings']['train_steps'] - 1} timed steps "
+                  f"({t['tokens_per_step']} tokens/step), median of {r['settings']['train_steps'] - WARMUP_STEPS} timed steps after {WARMUP_STEPS} warm-up steps "
                   f"x {r['settings']['train_rounds']} runs per contender{' (levers: one run)' if len(t['contenders']) > 3 else ''}. MFU against the bf16 "
                   f"matmul throughput measured in this run ({t['bf16_peak_gflops']} GFLOP/s), "
                   f"{t['flops_per_token'] / 1e6:.0f} MFLOP/token.", "",
