@@ -50,7 +50,8 @@ def keep_freed_memory() -> None:
     A training step allocates and frees gigabytes of activations. By default glibc returns every
     large block to the kernel when it is freed, so the next step faults each page back in, zeroed:
     on the 2-core CPU of benchmarks/RESULTS.md that was a third of the step, in kernel time. The
-    process keeps its peak heap instead, which the next step needs again anyway.
+    process keeps its peak heap instead, which the next step needs again anyway. It is a setting
+    of the whole process (a notebook that trained keeps its heap): `--malloc system` skips it.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
