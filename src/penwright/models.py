@@ -11,7 +11,6 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from . import sources
-from .devices import bf16_supported, pick_device, pick_dtype  # noqa: F401 (re-exported)
 from .errors import PenwrightError
 
 hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the training bar

@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from . import checkpoint, distributed, lora
 from .config import SampleConfig, TrainConfig
+from .devices import keep_freed_memory, pick_device, pick_dtype
 from .errors import PenwrightError
 from .generate import Writer
-from .losses import IGNORE, linear_cross_entropy
 from .kernels import fuse_gelu, use_cpu_attention
-from .devices import keep_freed_memory, pick_device, pick_dtype
+from .losses import IGNORE, linear_cross_entropy
 from .models import context_length, fit_tokenizer, load_model, scratch_model
 from .runs import RunDir
 from .tokens import TokenStore, prepare
