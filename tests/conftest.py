@@ -30,6 +30,26 @@ def sample_rows() -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def pytest_report_header(config):
+    """Say which machine the suite ran on, so a failure report says where it failed."""
+    from penwright.devices import cpu_description
+
+    return f"machine: {cpu_description()}"
+
+
+@pytest.fixture(params=["fp32", "bf16"])
+def cpu_path(request, monkeypatch) -> str:
+    """Run a test on both CPU precision paths: fp32 (as on CPUs without native bf16; on every machine)
+    and bf16 (only where the CPU has it natively: elsewhere it is emulated, ~100x slower). A
+    `PENWRIGHT_CPU_BF16=0` set for the whole run stands for a CPU without it."""
+    from penwright.devices import CPU_BF16, cpu_has_native_bf16
+
+    if request.param == "bf16" and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 (AVX512-BF16 or AMX): the bf16 path is emulated here")
+    monkeypatch.setenv(CPU_BF16, "1" if request.param == "bf16" else "0")
+    return request.param
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
     """Token caches go to a temporary folder, never ~/.cache; the hub is never contacted."""

@@ -7,6 +7,7 @@ Apart from models.py so that penwright's own GPT-2 (gpt2.py) can pick them witho
 from __future__ import annotations
 
 import ctypes
+import os
 
 import torch
 
@@ -35,10 +36,41 @@ def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+CPU_BF16 = "PENWRIGHT_CPU_BF16"  # 1 or 0: treat this CPU as having native bf16 or not (tests force both paths)
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    return cpu_has_native_bf16()
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 matmuls in hardware (AVX512-BF16 or AMX); elsewhere PyTorch emulates them, ~100x slower
+    than fp32. `PENWRIGHT_CPU_BF16=0/1` overrides what the CPU reports."""
+    forced = os.environ.get(CPU_BF16, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def cpu_description() -> str:
+    """The CPU in one line, for benchmark results and test reports: model, ISA, bf16, cores."""
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+                 os.uname().machine)
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    forced = os.environ.get(CPU_BF16, "").strip()
+    bf16 = ("native" if native else "emulated") + (f", forced {forced} by {CPU_BF16}" if forced in ("0", "1") else "")
+    return (f"{model}; ISA {torch.backends.cpu.get_cpu_capability()}; bf16 {bf16}; "
+            f"{os.cpu_count()} cores, torch {torch.__version__}")
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h
