@@ -29,8 +29,10 @@ def one_error_line(capsys, *argv) -> str:
     (["train", "--data", "{latin}", "--init", "scratch", "--out", "x"], "not valid utf-8 at byte 3; pass the file's encoding"),
     (["train", "--data", "{csv}", "--init", "scratch", "--label-column", "genre", "--out", "x"],
      "no column 'text'; it has: plot, tag"),
-    (["train", "--data", "{csv}", "--model", "gpt2", "--out", "x"], "'gpt2' is not in the local cache"),
-    (["train", "--data", "{csv}", "--init", "scratch", "--preset", "huge", "--out", "x"], "unknown preset 'huge'"),
+    (["train", "--data", "{csv}", "--text-column", "plot", "--model", "gpt2", "--out", "x"],
+     "'gpt2' is not in the local cache"),
+    (["prepare", "--data", "{empty}", "--model", "gpt2"], "the corpus is empty"),  # the corpus before the hub
+    (["train", "--data", "{csv}", "--model", "gpt2", "--out", "x"], "no column 'text'"),
     (["generate", "--model", "x", "--temperature", "0"], "--temperature must be > 0 when sampling"),
     (["generate", "--model", "x", "--top-p", "1.5"], r"--top-p must be in (0, 1]"),
     (["generate", "--prompt", "hi"], "no model given: pass --model"),
@@ -95,3 +97,11 @@ def test_prepare_prints_corpus_statistics_and_reuses_the_cache(stories_csv, tmp_
     assert main(argv) == 0
     second = capsys.readouterr()
     assert "found in cache" in second.err and second.out == first.out
+
+
+def test_a_value_outside_a_flags_choices_names_them(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--data", "x.txt", "--init", "scratch", "--preset", "huge", "--out", "x"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "--preset: invalid choice: 'huge'" in err and "medium" in err

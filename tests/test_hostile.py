@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from penwright import PenwrightError
 from penwright.config import (DataConfig, EvalConfig, ExportConfig, GenerateConfig, PrepareConfig, SampleConfig,
                               ServeConfig, TrainConfig)
-from penwright.corpus import corpus_fingerprint, load_corpus
+from penwright.corpus import load_corpus
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -72,11 +72,9 @@ def data_options(draw, columns=st.none() | names) -> dict:
 
 
 def read(path: Path, options: dict):
-    """Configure, fingerprint (the cache key), read and split the corpus: each step may refuse."""
+    """Configure, read and split the corpus (and fingerprint it, the cache key): each step may refuse."""
     def load():
-        cfg = DataConfig(data=str(path), **options)
-        corpus_fingerprint(cfg)
-        return load_corpus(cfg)
+        return load_corpus(DataConfig(data=str(path), **options))
 
     return accepted_or_refused(load)
 

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from penwright import PenwrightError, TrainConfig, train
 from penwright.cli import main
-from penwright.lora import LoraSpec, attach, export_merged, parse
+from penwright.config import LoraSpec, parse_lora
+from penwright.lora import attach, export_merged
 from penwright.runs import read_metrics
 
 quiet = dict(log=lambda *_: None)
@@ -35,7 +36,7 @@ def lora_run(tmp_path_factory, stories_txt, tiny_base):
 def test_only_adapter_weights_train_and_are_saved(lora_run, tiny_base):
     from transformers import AutoModelForCausalLM
 
-    model = attach(AutoModelForCausalLM.from_pretrained(tiny_base), "r=4,alpha=8", str(tiny_base))
+    model = attach(AutoModelForCausalLM.from_pretrained(tiny_base), parse_lora("r=4,alpha=8"), str(tiny_base))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_A" in n or "lora_B" in n for n in trainable)
     assert sum(p.numel() for n, p in model.named_parameters() if p.requires_grad) < 0.05 * model.num_parameters()
@@ -91,7 +92,7 @@ def test_export_refuses_what_it_cannot_merge(tmp_path, tiny_base, capsys):
     ("r=4,targets=c_attn,c_proj,alpha=4", LoraSpec(4, 4.0, 0.05, ("c_attn", "c_proj"))),
 ])
 def test_parse(text, spec):
-    assert parse(text) == spec
+    assert parse_lora(text) == spec
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from . import files
-from .errors import PenwrightError
 from .models import save_model
 
 STATE_FILE = "trainer_state.pt"
@@ -35,31 +34,23 @@ def save(run_dir: Path, step: int, model, tokenizer, state: dict, keep: int, wei
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    files.remove(tmp)
-    try:
+    previous = next(iter(complete(run_dir)), None)
+    hint = ("continue with --resume; "
+            + (f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists")
+            + " (--keep-checkpoints 1 needs less room)")
+    with files.staged_dir(final, f"saving checkpoint {final}", hint, publish=_replace_step, shared=False) as tmp:
         save_model(model, tokenizer, tmp, weights)
         with open(tmp / STATE_FILE, "wb") as f:  # a file object keeps a full disk's OSError visible
             torch.save(state, f)
         files.write_text(tmp / MANIFEST, json.dumps({"step": step, "files": _describe(tmp)}, indent=1))
-        files.fsync_tree(tmp)
-        if final.exists():  # a stale copy of the same step (from a run that was resumed earlier)
-            _discard(final)
-        os.rename(tmp, final)
-        files.fsync_dir(root)
-    except Exception as e:
-        if not files.disk_full(e):
-            raise
-        previous = next(iter(complete(run_dir)), None)
-        raise PenwrightError(
-            f"disk full while saving checkpoint {final}: free space on that disk (or keep fewer with "
-            f"--keep-checkpoints 1), then continue with --resume; "
-            + (f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists")
-        ) from None
-    finally:
-        files.remove(tmp)
     _prune(root, keep)
     return final
+
+
+def _replace_step(tmp: Path, final: Path) -> None:
+    if final.exists():  # a stale copy of the same step (from a run that was resumed earlier)
+        _discard(final)
+    os.rename(tmp, final)
 
 
 def publish_model(run_dir: Path, model, tokenizer, weights: dict | None = None) -> None:
@@ -69,22 +60,16 @@ def publish_model(run_dir: Path, model, tokenizer, weights: dict | None = None) 
     rename; the weights go last. A crash before then leaves the previous files, or none.
     """
     run_dir = Path(run_dir)
-    _remove_stale(run_dir, ".tmp-model-*")
-    tmp = run_dir / f".tmp-model-{os.getpid()}"
-    files.remove(tmp)
-    try:
+    files.remove_stale(run_dir, ".tmp-model-*")
+    hint = "run the same command with --resume to finish from the last checkpoint"
+    with files.staged_dir(run_dir / "model", f"writing the model into {run_dir}", hint, publish=_move_files) as tmp:
         save_model(model, tokenizer, tmp, weights)
-        files.fsync_tree(tmp)
-        for file in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):
-            os.replace(file, run_dir / file.name)
-        files.fsync_dir(run_dir)
-    except Exception as e:
-        if not files.disk_full(e):
-            raise
-        raise PenwrightError(f"disk full while writing the model into {run_dir}: free space on that disk, then "
-                             "run the same command with --resume to finish from the last checkpoint") from None
-    finally:
-        files.remove(tmp)
+
+
+def _move_files(tmp: Path, final: Path) -> None:
+    """Into the run dir (`final`'s parent) one file at a time, the weights last."""
+    for file in sorted(tmp.iterdir(), key=lambda p: p.suffix == ".safetensors"):
+        os.replace(file, final.parent / file.name)
 
 
 def _describe(folder: Path) -> dict:
@@ -126,7 +111,7 @@ def latest(run_dir: Path, log=print) -> Path | None:
 
     Temporary folders that dead processes left mid-save are removed on the way.
     """
-    _remove_stale(checkpoint_dir(run_dir))
+    files.remove_stale(checkpoint_dir(run_dir), ".tmp-step-*")
     for path in complete(run_dir):
         if verify(path):
             return path
@@ -141,30 +126,12 @@ def load_state(path: Path) -> dict:
 def _prune(root: Path, keep: int) -> None:
     for old in complete(root.parent)[keep:]:
         _discard(old)
-    _remove_stale(root)
+    files.remove_stale(root, ".tmp-step-*")
 
 
 def _discard(path: Path) -> None:
     """Unpublish with one rename, then delete: a kill mid-delete leaves only a hidden temp folder,
     never a half-deleted step-* that looks published."""
-    hidden = path.with_name(f".tmp-step-{path.name}-{os.getpid()}")
+    hidden = path.with_name(f".tmp-{path.name}-discarded-{os.getpid()}")
     os.rename(path, hidden)
     files.remove(hidden)
-
-
-def _remove_stale(root: Path, pattern: str = ".tmp-step-*") -> None:
-    """Remove temporary folders whose process (the pid ending their name) is gone."""
-    for stale in root.glob(pattern):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            files.remove(stale)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True

@@ -12,43 +12,12 @@ import os
 import sys
 import types
 import typing
-from dataclasses import MISSING, asdict, fields
+from collections.abc import Callable
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from .config import EvalConfig, ExportConfig, GenerateConfig, PrepareConfig, ServeConfig, TrainConfig
 from .errors import PenwrightError
-
-EXAMPLES = {
-    "prepare": """examples:
-  penwright prepare --data book.txt --model gpt2
-  penwright prepare --data plots.csv --text-column plot --label-column genre --model gpt2""",
-    "train": """examples:
-  penwright train --data book.txt --model gpt2 --out runs/book --max-steps 2000
-  penwright train --data plots.csv --text-column plot --label-column genre --model distilgpt2 --out runs/plots
-  penwright train --data lyrics/ --init scratch --preset tiny --out runs/lyrics --epochs 5
-  penwright train --data book.txt --model gpt2 --out runs/book --max-steps 4000 --resume
-  penwright train --data book.txt --model gpt2-xl --out runs/book-xl --nproc 4 --batch-size 4     # 4 GPUs, DDP
-  penwright train --data book.txt --model gpt2-xl --out runs/book-lora --lora r=16,alpha=32,dropout=0.05
-  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-      -m penwright train --data book.txt --model gpt2-xl --out runs/book-xl --fsdp     # see docs/distributed.md""",
-    "generate": """examples:
-  penwright generate --model runs/book --prompt "Malfoy hadn't noticed anything." --seed 1
-  penwright generate --model runs/plots --label horror --num-samples 3 --trim-to-sentence
-  penwright generate --model runs/book --prompt-file prompts.txt --output samples.jsonl""",
-    "interactive": """examples:
-  penwright interactive --model runs/book --temperature 0.7 --top-p 0.9""",
-    "eval": """examples:
-  penwright eval --model runs/book --model gpt2 --out reports/book          # held out: runs/book's validation split
-  penwright eval --model runs/lyrics --model gpt2 --data held_out_songs/ --train-data songs/ --out reports/lyrics
-  penwright eval --model runs/plots --data test.csv --text-column plot --label-column genre --num-samples 5""",
-    "export": """examples:
-  penwright export --merge runs/book-lora --out models/book-merged     # a LoRA run as a plain HF model""",
-    "serve": """examples:
-  penwright serve --model runs/book                      # page at http://127.0.0.1:8000/, API at /v1
-  penwright serve --model runs/book --model lyrics=runs/lyrics --port 8080
-  PENWRIGHT_API_KEY=secret penwright serve --model runs/book --host 0.0.0.0""",
-}
-
 
 def add_config_flags(parser: argparse.ArgumentParser, config, skip: tuple[str, ...] = ()) -> None:
     """One flag per dataclass field, typed and documented from the field itself."""
@@ -84,21 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="penwright", description="Fine-tune GPT-2-family models on your own text and write in its style.",
         epilog="Run `penwright COMMAND --help` for each command's options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, config, summary, skip in (
-        ("prepare", PrepareConfig, "tokenize a corpus into the cache and print its statistics", ()),
-        ("train", TrainConfig, "fine-tune a model (or train one from scratch) on a corpus", ()),
-        ("generate", GenerateConfig, "write samples with a trained model", ()),
-        ("interactive", GenerateConfig, "a prompt loop: type a prompt, read the continuation",
-         ("prompt", "prompt_file", "output")),
-        ("eval", EvalConfig, "score and compare models on held-out text: perplexity, continuations, copying",
-         ("label", "val_fraction", "val_file", "cache_dir")),
-        ("serve", ServeConfig, "serve models over an OpenAI-compatible HTTP API and a web page", ()),
-        ("export", ExportConfig, "write a LoRA run's adapter merged into its base model as a plain HF model", ()),
-    ):
-        sub = commands.add_parser(name, help=summary, description=summary, epilog=EXAMPLES[name],
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.summary, description=command.summary,
+                                  epilog="examples:\n" + command.examples,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_config_flags(sub, config, skip)
-        sub.set_defaults(config=config)
+        add_config_flags(sub, command.config, command.skip)
+        sub.set_defaults(command=command)
     return parser
 
 
@@ -106,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = build_parser().parse_args(argv)
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    command = args.command
+    settings = {k: v for k, v in vars(args).items() if k != "command"}
     try:
-        config = args.config(**settings)
-        return COMMANDS[args.command](config) or 0
+        return command.run(command.config(**settings)) or 0
     except PenwrightError as e:
         print(f"penwright: error: {e}", file=sys.stderr)
         return 2
@@ -255,9 +215,51 @@ def cmd_export(cfg: ExportConfig) -> None:
     export_merged(cfg.merge, cfg.out, log=warn)
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate, "interactive": cmd_interactive,
-            "serve": cmd_serve, "eval": cmd_eval,
-            "export": cmd_export}
+@dataclass(frozen=True)
+class Command:
+    """One `penwright NAME`: the config its flags come from, and the function that runs it."""
+
+    name: str
+    config: type
+    summary: str
+    run: Callable
+    examples: str
+    skip: tuple[str, ...] = ()  # config fields that are not flags of this command
+
+
+COMMANDS = [
+    Command("prepare", PrepareConfig, "tokenize a corpus into the cache and print its statistics", cmd_prepare, """\
+  penwright prepare --data book.txt --model gpt2
+  penwright prepare --data plots.csv --text-column plot --label-column genre --model gpt2"""),
+    Command("train", TrainConfig, "fine-tune a model (or train one from scratch) on a corpus", cmd_train, """\
+  penwright train --data book.txt --model gpt2 --out runs/book --max-steps 2000
+  penwright train --data plots.csv --text-column plot --label-column genre --model distilgpt2 --out runs/plots
+  penwright train --data lyrics/ --init scratch --preset tiny --out runs/lyrics --epochs 5
+  penwright train --data book.txt --model gpt2 --out runs/book --max-steps 4000 --resume
+  penwright train --data book.txt --model gpt2-xl --out runs/book-xl --nproc 4 --batch-size 4     # 4 GPUs, DDP
+  penwright train --data book.txt --model gpt2-xl --out runs/book-lora --lora r=16,alpha=32,dropout=0.05
+  torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
+      -m penwright train --data book.txt --model gpt2-xl --out runs/book-xl --fsdp     # see docs/distributed.md"""),
+    Command("generate", GenerateConfig, "write samples with a trained model", cmd_generate, """\
+  penwright generate --model runs/book --prompt "Malfoy hadn't noticed anything." --seed 1
+  penwright generate --model runs/plots --label horror --num-samples 3 --trim-to-sentence
+  penwright generate --model runs/book --prompt-file prompts.txt --output samples.jsonl"""),
+    Command("interactive", GenerateConfig, "a prompt loop: type a prompt, read the continuation", cmd_interactive, """\
+  penwright interactive --model runs/book --temperature 0.7 --top-p 0.9""", ("prompt", "prompt_file", "output")),
+    Command("eval", EvalConfig, "score and compare models on held-out text: perplexity, continuations, copying",
+            cmd_eval, """\
+  penwright eval --model runs/book --model gpt2 --out reports/book          # held out: runs/book's validation split
+  penwright eval --model runs/lyrics --model gpt2 --data held_out_songs/ --train-data songs/ --out reports/lyrics
+  penwright eval --model runs/plots --data test.csv --text-column plot --label-column genre --num-samples 5""",
+            ("label", "val_fraction", "val_file", "cache_dir")),
+    Command("serve", ServeConfig, "serve models over an OpenAI-compatible HTTP API and a web page", cmd_serve, """\
+  penwright serve --model runs/book                      # page at http://127.0.0.1:8000/, API at /v1
+  penwright serve --model runs/book --model lyrics=runs/lyrics --port 8080
+  PENWRIGHT_API_KEY=secret penwright serve --model runs/book --host 0.0.0.0"""),
+    Command("export", ExportConfig, "write a LoRA run's adapter merged into its base model as a plain HF model",
+            cmd_export, """\
+  penwright export --merge runs/book-lora --out models/book-merged     # a LoRA run as a plain HF model"""),
+]
 
 if __name__ == "__main__":
     sys.exit(main())

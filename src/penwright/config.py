@@ -17,8 +17,7 @@ from typing import Literal
 
 from .errors import PenwrightError
 
-PRESETS = ("tiny", "small", "medium")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 def opt(default, help: str, **extra):
@@ -91,7 +90,28 @@ def _short(value) -> str:
 
 
 @dataclass
-class DataConfig:
+class Settings:
+    """The base of every config: after construction, the types of all fields are checked, then each
+    class's own `check` runs (base classes first), so each class validates only the fields it declares."""
+
+    def __post_init__(self):
+        check_types(self)
+        for cls in reversed(type(self).__mro__):
+            if own := cls.__dict__.get("check"):
+                own(self)
+
+
+@dataclass
+class Runtime(Settings):
+    """Where and how a model runs: shared by train, generate, eval and serve."""
+
+    precision: Precision = opt("auto", "auto (bf16 where the CPU or GPU has it natively), fp32, bf16 or fp16 (CUDA only)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    allow_pickle: bool = opt(False, "allow loading pickled .bin/.pt weights (they can run code)")
+
+
+@dataclass
+class DataConfig(Settings):
     """Where the corpus is and how to read it."""
 
     data: str | None = opt(None, "corpus: a .txt file, a folder of .txt/.md files, or a .csv/.jsonl file")
@@ -105,8 +125,7 @@ class DataConfig:
     encoding: str = opt("utf-8", "text encoding of the corpus files, e.g. latin-1")
     cache_dir: str | None = opt(None, "where prepared token arrays are cached (default ~/.cache/penwright)")
 
-    def __post_init__(self):
-        check_types(self)
+    def check(self):
         _check(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         _check((self.prompt_column is None) == (self.completion_column is None),
                "--prompt-column and --completion-column go together: give both or neither")
@@ -118,21 +137,18 @@ class PrepareConfig(DataConfig):
 
     model: str = opt("gpt2", "hub id (gpt2, distilgpt2, ...), a local model directory, or a .gguf file")
     init: Literal["pretrained", "scratch"] = opt("pretrained", "start from --model's weights or from scratch")
-    preset: str = opt("small", "model size with --init scratch: tiny, small (GPT-2 124M shape) or medium")
+    preset: Literal["tiny", "small", "medium"] = opt("small", "model size with --init scratch: tiny, small "
+                                                              "(GPT-2 124M shape) or medium")
     tokenizer: str | None = opt(None, "tokenizer to use (default: --model's; with --init scratch a new BPE)")
     vocab_size: int = opt(8192, "vocabulary size of a BPE trained with --init scratch and no --tokenizer")
-    allow_pickle: bool = opt(False, "allow loading pickled .bin/.pt weights (they can run code)")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check(self.preset in PRESETS, f"unknown preset {self.preset!r}: choose one of {', '.join(PRESETS)}")
-        _check(self.init in ("pretrained", "scratch"), f"--init must be pretrained or scratch, got {self.init!r}")
+    def check(self):
         _check(self.vocab_size >= 300, f"--vocab-size must be at least 300 (256 bytes + merges), got {self.vocab_size}")
 
 
 @dataclass
-class TrainConfig(PrepareConfig):
+class TrainConfig(Runtime, PrepareConfig):
     """Everything `penwright train` needs."""
 
     out: str | None = opt(None, "run directory to write (model, checkpoints, metrics, loss.png)")
@@ -149,8 +165,6 @@ class TrainConfig(PrepareConfig):
     max_bad_steps: int = opt(10, "steps with a non-finite loss or gradient to skip before training stops")
     max_steps: int | None = opt(None, "optimizer steps to run (default: --epochs)")
     epochs: float | None = opt(None, "passes over the training split (default 1 when --max-steps is unset)")
-    precision: str = opt("auto", "auto (bf16 where supported), fp32, bf16 or fp16 (CUDA only)")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     seed: int = opt(42, "random seed for initialisation, data order and dropout")
     eval_every: int = opt(200, "steps between validation evaluations (0: only at start and end)")
     eval_batches: int = opt(50, "batches per periodic evaluation (the final one uses the whole split)")
@@ -180,15 +194,10 @@ class TrainConfig(PrepareConfig):
     lora: str | None = opt(None, "train low-rank adapters instead of every weight, e.g. r=16,alpha=32,dropout=0.05"
                                  "[,targets=c_attn,c_proj]")
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+    def check(self):
         _at_least(self, 1, "batch_size", "grad_accum", "keep_checkpoints", "log_every", "sample_length", "eval_batches")
         _at_least(self, 0, "eval_every", "sample_every", "save_every", "weight_decay", "grad_clip", "max_bad_steps")
         _check(self.block_size is None or self.block_size >= 8, f"--block-size must be at least 8, got {self.block_size}")
-        _check(self.head_loss in ("chunked", "full"), f"--head-loss must be chunked or full, got {self.head_loss!r}")
-        _check(self.malloc in ("keep", "system"), f"--malloc must be keep or system, got {self.malloc!r}")
-        _check(self.attention in ("auto", "sdpa"), f"--attention must be auto or sdpa, got {self.attention!r}")
         _check(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         _check(0 <= self.attention_dropout < 1, f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
         _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
@@ -197,9 +206,7 @@ class TrainConfig(PrepareConfig):
         _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.nproc >= 1, f"--nproc must be at least 1, got {self.nproc}")
         if self.lora is not None:
-            from .lora import parse
-
-            parse(self.lora)
+            parse_lora(self.lora)
             _check(self.init == "pretrained", "--lora adapts a pretrained model; drop --init scratch")
             _check(self.label_column is None, "--lora cannot learn the new control tokens of --label-column; "
                                               "train every weight for labelled corpora")
@@ -213,9 +220,13 @@ class TrainConfig(PrepareConfig):
             return 1e-3
         return 2e-4 if self.lora else 5e-5
 
+    @property
+    def lora_spec(self) -> LoraSpec | None:
+        return None if self.lora is None else parse_lora(self.lora)
+
 
 @dataclass
-class SampleConfig:
+class SampleConfig(Settings):
     """How to sample text; shared by generate, interactive, training samples, eval and the server."""
 
     max_new_tokens: int = opt(128, "tokens to generate per sample")
@@ -231,8 +242,7 @@ class SampleConfig:
     trim_to_sentence: bool = opt(False, "cut each sample after its last complete sentence")
     label: str | None = opt(None, "write in this label's style, e.g. --label horror (models trained with --label-column)")
 
-    def __post_init__(self):
-        check_types(self)
+    def check(self):
         _check(self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         _check(self.greedy or (math.isfinite(self.temperature) and self.temperature > 0),
                f"--temperature must be > 0 when sampling, got {self.temperature} (use --greedy for deterministic text)")
@@ -252,16 +262,13 @@ class SampleConfig:
 
 
 @dataclass
-class GenerateConfig(SampleConfig):
+class GenerateConfig(Runtime, SampleConfig):
     """`penwright generate` and `penwright interactive`: a model plus sampling settings."""
 
     model: str | None = opt(None, "run directory (or any HF model directory, hub id or .gguf) to sample from")
     prompt: str | None = opt(None, "text to continue (default: unconditional samples)")
     prompt_file: str | None = opt(None, "file with one prompt per line")
     output: str | None = opt(None, "also write the samples to this .jsonl file")
-    precision: str = opt("auto", "auto, fp32, bf16 or fp16 (CUDA only)")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    allow_pickle: bool = opt(False, "allow loading pickled .bin/.pt weights (they can run code)")
     quantize: Literal["int8", "none"] = opt("int8", "on CPU in bf16, store weights as int8 for faster writing "
                                                     "(text within 1%% perplexity of fp32), or none")
     engine: Literal["auto", "penwright", "hf"] = opt(
@@ -269,15 +276,12 @@ class GenerateConfig(SampleConfig):
                 "folders with model.safetensors and tokenizer.json), hf (transformers: any causal LM, hub "
                 "ids, .gguf, LoRA runs), or auto (penwright where it can, else hf)")
 
-    def __post_init__(self):
-        super().__post_init__()
-        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        _check(self.quantize in ("int8", "none"), f"--quantize must be int8 or none, got {self.quantize!r}")
+    def check(self):
         _check(not (self.prompt is not None and self.prompt_file is not None), "give --prompt or --prompt-file, not both")
 
 
 @dataclass
-class EvalConfig(SampleConfig, DataConfig):
+class EvalConfig(Runtime, SampleConfig, DataConfig):
     """`penwright eval`: models to compare, the held-out text, and how to sample continuations.
 
     `--data` is held out whole; without it, the validation split of the first run dir among
@@ -294,16 +298,12 @@ class EvalConfig(SampleConfig, DataConfig):
     label_samples: int = opt(10, "samples per label for the label-control test")
     num_samples: int = opt(3, "continuations per held-out document (self-BLEU compares them)")
     seed: int | None = opt(1, "random seed for the samples: the same seed gives the same report")
-    precision: str = opt("fp32", "fp32 (exact metrics), bf16 or fp16 (CUDA only), or auto")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    precision: Precision = opt("fp32", "fp32 (exact metrics), bf16 or fp16 (CUDA only), or auto")
 
-    def __post_init__(self):
-        DataConfig.__post_init__(self)
-        SampleConfig.__post_init__(self)
+    def check(self):
         _check(bool(self.model), "no model given: pass --model runs/NAME (repeat --model to compare several)")
         _check(len(set(self.model)) == len(self.model), "the same --model is given twice")
         _check(self.label is None, "eval conditions each document on its own label; drop --label")
-        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         _check(self.stride is None or self.stride >= 1, f"--stride must be at least 1, got {self.stride}")
         _at_least(self, 1, "holdout_words", "max_documents", "label_samples")
 
@@ -312,7 +312,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(Runtime):
     """`penwright serve`: models behind an OpenAI-compatible API and a web page."""
 
     model: list[str] = opt([], "run directory to serve, as PATH or NAME=PATH (repeatable)", action="append")
@@ -325,11 +325,8 @@ class ServeConfig:
     timeout: float = opt(120.0, "seconds a request may wait and run before it is abandoned")
     batch_size: int = opt(8, "most requests written at once: alike plain ones in a batch, streams in turns")
     threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores but one, which answers HTTP)")
-    precision: str = opt("auto", "auto, fp32, bf16 or fp16 (CUDA only)")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
 
-    def __post_init__(self):
-        check_types(self)
+    def check(self):
         if self.api_key is None:
             self.api_key = os.environ.get("PENWRIGHT_API_KEY") or None
         _check(self.api_key != "", "--api-key must not be empty")
@@ -337,7 +334,6 @@ class ServeConfig:
         _at_least(self, 1, "max_prompt_tokens", "max_tokens_cap", "max_body_bytes", "batch_size")
         _check(math.isfinite(self.timeout) and self.timeout > 0, f"--timeout must be positive, got {self.timeout}")
         _check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
-        _check(self.precision in PRECISIONS, f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         self.models()  # refuses clashing names now rather than at start-up
 
     def models(self) -> dict[str, str]:
@@ -354,13 +350,46 @@ class ServeConfig:
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(Settings):
     """`penwright export`: turn a run into something else; today, a LoRA run into a plain HF model."""
 
     merge: str | None = opt(None, "LoRA run directory whose adapter to fold into its base model")
     out: str | None = opt(None, "new folder to write the merged HF model to")
 
-    def __post_init__(self):
-        check_types(self)
+    def check(self):
         _check(self.merge is not None, "nothing to export: pass --merge runs/NAME (a run trained with --lora)")
         _check(self.out is not None, "no output folder given: pass --out DIR")
+
+
+# --- LoRA -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """What `--lora r=16,alpha=32,dropout=0.05[,targets=c_attn,c_proj]` asks for (lora.py attaches it)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = ()  # empty: peft's default for the architecture
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """'r=16,alpha=32,dropout=0.05,targets=c_attn,c_proj': every key optional, targets a list."""
+    values, key = {}, None
+    for item in (s.strip() for s in text.split(",")):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep and key == "targets" and item:  # the next name in targets=a,b
+            values["targets"] += (item,)
+            continue
+        if name not in LoraSpec.__dataclass_fields__ or not value:
+            raise PenwrightError(f"--lora {text!r}: expected r=N,alpha=X,dropout=P[,targets=NAME,...], "
+                                 f"not {item!r}")
+        key = name
+        try:
+            values[key] = (value,) if key == "targets" else type(getattr(LoraSpec, key))(value)
+        except ValueError:
+            raise PenwrightError(f"--lora {text!r}: {key} must be a number, got {value!r}") from None
+    spec = LoraSpec(**values)
+    if spec.r < 1 or not spec.alpha > 0 or not 0 <= spec.dropout < 1:
+        raise PenwrightError(f"--lora {text!r}: need r >= 1, alpha > 0 and 0 <= dropout < 1")
+    return spec

@@ -38,6 +38,7 @@ class Corpus:
     val: list[Document]
     files: list[Path]
     labels: Counter = field(default_factory=Counter)
+    fingerprint: str = ""  # a hash of every file's name and bytes: the token cache's key
 
     def stats(self) -> dict:
         docs = self.train + self.val
@@ -55,9 +56,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     """Read `cfg.data` (and `cfg.val_file`) and split it into train and validation documents."""
     if not cfg.data:
         raise PenwrightError("no corpus given: pass --data FILE_OR_FOLDER")
-    files, docs = read_documents(Path(cfg.data), cfg)
+    hasher = hashlib.sha256()
+    files, docs = read_documents(Path(cfg.data), cfg, hasher)
     if cfg.val_file:
-        val_files, val = read_documents(Path(cfg.val_file), cfg)
+        val_files, val = read_documents(Path(cfg.val_file), cfg, hasher)
         files += val_files
         train = docs
     else:
@@ -65,28 +67,20 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     if not train:
         raise PenwrightError(f"{cfg.data}: the corpus is empty (no text found)")
     labels = Counter(d.label for d in train + val if d.label is not None)
-    return Corpus(train, val, files, labels)
+    return Corpus(train, val, files, labels, hasher.hexdigest())
 
 
-def corpus_fingerprint(cfg: DataConfig) -> str:
-    """A hash of every corpus file's name and bytes: the token cache's key, without parsing."""
-    if not cfg.data:
-        raise PenwrightError("no corpus given: pass --data FILE_OR_FOLDER")
-    hasher = hashlib.sha256()
-    for path in filter(None, (cfg.data, cfg.val_file)):
-        for file in corpus_files(Path(path)):
-            data = _read(file)
-            hasher.update(os.fsencode(file.name) + b"\0" + len(data).to_bytes(8, "little") + data)
-        hasher.update(b"\1")
-    return hasher.hexdigest()
-
-
-def read_documents(path: Path, cfg: DataConfig) -> tuple[list[Path], list[Document]]:
-    """All documents under `path`, and the files they came from."""
+def read_documents(path: Path, cfg: DataConfig, hasher=None) -> tuple[list[Path], list[Document]]:
+    """All documents under `path`, and the files they came from; `hasher` sees each file's name and bytes."""
     files = corpus_files(path)
     docs: list[Document] = []
     for file in files:
-        docs += _parse(file, _decode(file, _read(file), cfg.encoding), cfg)
+        data = _read(file)
+        if hasher is not None:
+            hasher.update(os.fsencode(file.name) + b"\0" + len(data).to_bytes(8, "little") + data)
+        docs += _parse(file, _decode(file, data, cfg.encoding), cfg)
+    if hasher is not None:
+        hasher.update(b"\1")
     return files, docs
 
 

@@ -7,7 +7,7 @@ the fused attention projection, for GPT-2). A LoRA run directory holds the adapt
 `merged` folds an adapter into its base: `penwright export --merge` saves that as a plain HF
 model, and `generate.load` writes with it.
 
-torch and peft are imported inside the functions: config.py uses `parse` and must stay light.
+torch and peft are imported inside the functions, so that importing penwright stays light.
 """
 
 from __future__ import annotations
@@ -16,42 +16,13 @@ import json
 import os
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
+from . import files
+from .config import LoraSpec
 from .errors import PenwrightError
 
 ADAPTER_CONFIG = "adapter_config.json"
-
-
-@dataclass(frozen=True)
-class LoraSpec:
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    targets: tuple[str, ...] = ()  # empty: peft's default for the architecture
-
-
-def parse(text: str) -> LoraSpec:
-    """'r=16,alpha=32,dropout=0.05,targets=c_attn,c_proj': every key optional, targets a list."""
-    values, key = {}, None
-    for item in (s.strip() for s in text.split(",")):
-        name, sep, value = (part.strip() for part in item.partition("="))
-        if not sep and key == "targets" and item:  # the next name in targets=a,b
-            values["targets"] += (item,)
-            continue
-        if name not in LoraSpec.__dataclass_fields__ or not value:
-            raise PenwrightError(f"--lora {text!r}: expected r=N,alpha=X,dropout=P[,targets=NAME,...], "
-                                 f"not {item!r}")
-        key = name
-        try:
-            values[key] = (value,) if key == "targets" else type(getattr(LoraSpec, key))(value)
-        except ValueError:
-            raise PenwrightError(f"--lora {text!r}: {key} must be a number, got {value!r}") from None
-    spec = LoraSpec(**values)
-    if spec.r < 1 or not spec.alpha > 0 or not 0 <= spec.dropout < 1:
-        raise PenwrightError(f"--lora {text!r}: need r >= 1, alpha > 0 and 0 <= dropout < 1")
-    return spec
 
 
 @contextmanager
@@ -66,8 +37,8 @@ def is_adapter(path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def attach(model, text: str, base: str, adapter: Path | None = None):
-    """`model` frozen, with trainable adapters: new ones as `text` says, or those saved in `adapter`.
+def attach(model, spec: LoraSpec, base: str, adapter: Path | None = None):
+    """`model` frozen, with trainable adapters: new ones as `spec` says, or those saved in `adapter`.
 
     `base` (the --model spec) is recorded in the adapter's config, for `merged` to load later.
     """
@@ -76,7 +47,6 @@ def attach(model, text: str, base: str, adapter: Path | None = None):
     if adapter is not None:
         with _peft():
             return PeftModel.from_pretrained(model, adapter, is_trainable=True)
-    spec = parse(text)
     config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
                         target_modules=list(spec.targets) or None,
                         fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores weights transposed
@@ -106,9 +76,13 @@ def merged(path, tokenizer, dtype=None, allow_pickle: bool = False):
         return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
+def _into_empty(tmp: Path, target: Path) -> None:
+    files.remove(target)  # an empty folder, if any
+    os.rename(tmp, target)
+
+
 def export_merged(run: str, out: str, log=print) -> Path:
     """Write the merged model of LoRA run `run` to the new folder `out`, all at once or not at all."""
-    from . import files
     from .models import save_model
     from .tokens import load_tokenizer
 
@@ -120,13 +94,7 @@ def export_merged(run: str, out: str, log=print) -> Path:
         raise PenwrightError(f"--out {target} already exists and is not empty; choose a new folder")
     tokenizer = load_tokenizer(run)
     model = merged(run, tokenizer)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    try:
+    with files.staged_dir(target, f"writing {target}", "run the same command again", publish=_into_empty) as tmp:
         save_model(model, tokenizer, tmp)
-        files.fsync_tree(tmp)
-        files.remove(target)  # an empty folder
-        os.rename(tmp, target)
-    finally:
-        files.remove(tmp)
     log(f"merged {run} into its base model: {target}")
     return target

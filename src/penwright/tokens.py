@@ -15,20 +15,20 @@ import hashlib
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from . import sources
+from . import files, sources
 from .config import PrepareConfig
-from .corpus import Corpus, Document, corpus_fingerprint, load_corpus
+from .corpus import Corpus, Document, load_corpus
 from .errors import PenwrightError
 
 FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
 CHUNK_CHARS = 1 << 16  # long texts are cut into chunks so every core can tokenize
+STALE_SECONDS = 60  # a temporary store this old whose process is gone was left by a killed prepare
 
 
 def control_token(column: str, value: str) -> str:
@@ -214,8 +214,12 @@ class TokenStore:
 
 
 def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
-    """Read, split and tokenize the corpus, or reuse the cached result for the same input."""
-    fingerprint = corpus_fingerprint(cfg)
+    """Read, split and tokenize the corpus, or reuse the cached result for the same input.
+
+    The corpus is read first, so that a mistake in it (missing, empty, wrong encoding or column)
+    is reported at once, before anything reaches for a tokenizer or the network.
+    """
+    corpus = load_corpus(cfg)
     base = None
     if cfg.tokenizer or cfg.init == "pretrained":
         base = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
@@ -224,14 +228,12 @@ def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
         tokenizer_id = f"trained-bpe-{cfg.vocab_size}"
     options = {k: getattr(cfg, k) for k in ("text_column", "label_column", "prompt_column", "completion_column",
                                             "line_by_line", "val_fraction", "encoding")}
-    key = hashlib.sha256(json.dumps([FORMAT_VERSION, fingerprint, options, bool(cfg.val_file), tokenizer_id],
+    key = hashlib.sha256(json.dumps([FORMAT_VERSION, corpus.fingerprint, options, bool(cfg.val_file), tokenizer_id],
                                     sort_keys=True).encode()).hexdigest()[:24]
     path = cache_root(cfg) / key
     if (path / "manifest.json").is_file():
-        store = TokenStore.open(path)
         log(f"prepared tokens found in cache: {path}")
-        return store
-    corpus = load_corpus(cfg)
+        return TokenStore.open(path)
     tokenizer = base if base is not None else train_tokenizer([d.text for d in corpus.train], cfg.vocab_size)
     return _write_store(path, corpus, tokenizer, cfg, log)
 
@@ -239,10 +241,10 @@ def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
 def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log) -> TokenStore:
     add_control_tokens(tokenizer, [control_token(cfg.label_column, v) for v in sorted(corpus.labels)])
     dtype = "uint16" if len(tokenizer) <= 1 << 16 else "uint32"
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.remove_stale(path.parent, ".tmp-*", min_age=STALE_SECONDS)  # left by a prepare that was killed
+    hint = "run the same command again"
+    with files.staged_dir(path, f"writing the token cache {path}", hint, publish=_publish_store) as tmp:
         counts = {}
         has_mask = any(d.prompt is not None for d in corpus.train + corpus.val)
         for split, docs in (("train", corpus.train), ("val", corpus.val)):
@@ -259,12 +261,13 @@ def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log)
                     "train_tokens": counts["train"], "val_tokens": counts["val"],
                     "data": str(cfg.data), "val_file": cfg.val_file}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        try:
-            os.rename(tmp, path)
-        except OSError:  # another process finished the same store first
-            if not (path / "manifest.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log(f"tokenized into {path}")
     return TokenStore.open(path)
+
+
+def _publish_store(tmp: Path, path: Path) -> None:
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process finished the same store first
+        if not (path / "manifest.json").is_file():
+            raise

@@ -275,7 +275,7 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
         use_cpu_attention(model)
     set_dropout(model, cfg.dropout, cfg.attention_dropout)
     if cfg.lora:
-        model = lora.attach(model, cfg.lora, cfg.model, adapter=resume_from)
+        model = lora.attach(model, cfg.lora_spec, cfg.model, adapter=resume_from)
     block_size = cfg.block_size or min(context_length(model), 512)
     if block_size > context_length(model):
         raise PenwrightError(f"--block-size {block_size} exceeds the model's context of {context_length(model)} tokens")
