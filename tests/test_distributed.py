@@ -114,12 +114,32 @@ def test_nproc_bad_input_is_one_line(tmp_path, stories_txt, tiny_base):
     assert "penwright: error: --out" in done.stderr and "Traceback" not in done.stderr
 
 
+def test_a_failure_on_rank_0_ends_the_others_with_one_line(tmp_path, stories_txt, tiny_base, small_disk):
+    """Rank 0 alone writes checkpoints; when the disk fills it says so, and rank 1, waiting in a collective
+    that will never complete, leaves with one line instead of a gloo traceback."""
+    cfg = base_config(stories_txt, tiny_base, small_disk / "run", max_steps=10_000, save_every=1, keep_checkpoints=10_000)
+    done = penwright("train", "--nproc", "2", *as_flags(cfg))
+    assert done.returncode != 0
+    assert done.stderr.count("penwright: error: disk full while saving checkpoint") == 1, done.stderr[-3000:]
+    assert "penwright: rank 1: stopping because another process failed (rank 0 says why)" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_each_rank_draws_its_own_dropout_and_a_step_always_the_same():
+    from penwright.training import step_seed
+
+    seeds = {(rank, step): step_seed(1, rank, step) for rank in range(4) for step in range(50)}
+    assert len(set(seeds.values())) == len(seeds)  # every rank and step its own masks
+    assert all(step_seed(1, r, s) == seed for (r, s), seed in seeds.items())  # a resumed step draws the same
+    assert step_seed(2, 0, 0) != seeds[0, 0]
+
+
 def test_as_flags_rebuilds_the_config(stories_txt, tiny_base):
     from penwright.cli import build_parser
 
     cfg = base_config(stories_txt, tiny_base, "runs/x", fsdp=True, lora=None, nproc=2)
     args = vars(build_parser().parse_args(["train", *as_flags(cfg)]))
-    rebuilt = args.pop("config")(**{k: v for k, v in args.items() if k != "command"})
+    rebuilt = args.pop("command").config(**args)
     assert rebuilt == cfg
     assert "--nproc" not in as_flags(cfg, skip=("nproc",))
 
@@ -142,7 +162,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, storie
         _, err = launcher.communicate(timeout=120)
     finally:
         launcher.kill()
-    assert launcher.returncode == 0, err[-3000:]
+    assert launcher.returncode == 130, err[-3000:]
     step = max(losses(tmp_path / "stop"))
     assert f"stopped by a signal to another rank at step {step}" in err
     assert (tmp_path / "stop" / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()

@@ -16,7 +16,8 @@ from penwright.config import GenerateConfig, SampleConfig, TrainConfig
 from penwright.errors import PenwrightError
 from penwright.losses import IGNORE, linear_cross_entropy
 from penwright.quantize import Int8Linear, quantize_int8
-from penwright.training import lm_loss, set_dropout
+from penwright.losses import lm_loss
+from penwright.training import set_dropout
 
 
 def tiny_gpt2(vocab: int = 300):

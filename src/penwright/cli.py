@@ -73,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     except PenwrightError as e:
         print(f"penwright: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("\npenwright: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not str(e):  # training's own stop (training.Stopped) has said what it saved
+            print("\npenwright: interrupted", file=sys.stderr)
         return 130
 
 

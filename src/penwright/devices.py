@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -71,6 +72,13 @@ def _cpuinfo() -> list[str]:
             return f.read().splitlines()
     except OSError:
         return []
+
+
+@contextmanager
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision in `dtype` on `device`; nothing for fp32."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        yield
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters, from glibc's malloc.h

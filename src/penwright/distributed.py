@@ -50,6 +50,13 @@ def setup(device: torch.device) -> tuple[Ranks, torch.device]:
     return Ranks(dist.get_rank(), dist.get_world_size()), device
 
 
+def peer_failed(error: BaseException) -> bool:
+    """True when `error` is a collective failing because another process died or left (gloo and
+    nccl say so with a DistError, or a RuntimeError about the closed connection)."""
+    signs = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "NCCL communicator was aborted")
+    return isinstance(error, dist.DistError) or isinstance(error, RuntimeError) and any(s in str(error) for s in signs)
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

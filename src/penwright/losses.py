@@ -9,7 +9,10 @@ nothing left to recompute and memory holds one chunk of logits instead of all of
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+import torch.nn.functional as F
 
 IGNORE = -100
 CHUNK_TOKENS = 1024  # 1024 x 50,257 fp32 scores = 200 MB at a time
@@ -58,3 +61,29 @@ def _chunks(hidden, weight, targets, grads: bool):
                 grad_hidden[part] = (dlogits @ w).mul_(keep)
                 grad_weight += (dlogits.T @ (h[part] * keep)).float()
     return loss, grad_hidden, grad_weight
+
+
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", fused: bool = True) -> torch.Tensor:
+    """Next-token cross-entropy in fp32.
+
+    `fused`: from the final hidden states through the head chunk by chunk (losses.py), never
+    holding the whole logits, wherever the model allows it (`_head_weight`).
+    """
+    weight = _head_weight(model) if fused else None
+    if weight is None:
+        logits = model(input_ids=x, use_cache=False).logits
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction=reduction)
+    # logits_to_keep=1: the model's own head scores only the last position, which costs nothing
+    out = model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    total = linear_cross_entropy(out.hidden_states[-1].flatten(0, 1), weight, y.flatten())
+    return total if reduction == "sum" else total / (y != IGNORE).sum()
+
+
+def _head_weight(model) -> torch.Tensor | None:
+    """The head's weight when the fused loss can use it: a bias-free linear head, not sharded
+    (FSDP), on a model whose forward can skip computing logits (`logits_to_keep`)."""
+    inner = getattr(model, "module", model)  # inside DistributedDataParallel
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or hasattr(head.weight, "placements"):
+        return None
+    return head.weight if "logits_to_keep" in inspect.signature(inner.forward).parameters else None

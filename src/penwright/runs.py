@@ -81,8 +81,18 @@ class RunDir:
     # --- metrics ------------------------------------------------------------------------------
 
     def log(self, record: dict) -> None:
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if not files.disk_full(e):
+                raise
+            from .checkpoint import complete
+
+            newest = complete(self.path)
+            kept = f"the newest checkpoint, {newest[0].name}, is intact" if newest else "no checkpoint was written yet"
+            raise PenwrightError(f"disk full while appending to {self.metrics_path}: free space on that disk, then "
+                                 f"continue with the same command plus --resume; {kept}") from None
 
     def metrics(self) -> list[dict]:
         return read_metrics(self.metrics_path)

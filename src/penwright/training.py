@@ -1,92 +1,37 @@
-"""The training loop: packed blocks from the token store, AdamW, warm-up + cosine, mixed precision.
+"""Training: `setup` assembles a run, `fit` is the loop, `finish` publishes the model.
 
-Data order is a pure function of (seed, step), so the data position of a checkpoint is its step,
-and a resumed run sees exactly the batches an uninterrupted one would.
+    train(cfg)  =  setup(cfg) -> Trainer  ->  fit(trainer)  ->  finish(trainer)
+
+`setup` claims the run dir, prepares the data, builds the model and optimizer and restores a
+resumed run; it trains nothing, so a test can build one and look inside. `fit` runs optimizer
+steps until the planned total, with logs, evaluations, samples and checkpoints on their own
+schedules. Data order is a pure function of (seed, step) (batches.py), and so is dropout
+(`step_seed`), which is what makes a resumed run exact.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint, distributed, lora
+from .batches import Blocks, Evaluator, training_blocks
 from .config import SampleConfig, TrainConfig
-from .devices import keep_freed_memory, pick_device, pick_dtype
+from .devices import autocast, keep_freed_memory, pick_device, pick_dtype
 from .errors import PenwrightError
 from .generate import Writer
+from .guards import FiniteGuard, StopFlag, memory_hint
 from .kernels import fuse_gelu, use_cpu_attention
-from .losses import IGNORE, linear_cross_entropy
+from .losses import lm_loss
 from .models import context_length, fit_tokenizer, load_model, scratch_model
 from .runs import RunDir
 from .tokens import TokenStore, prepare
-
-
-class Blocks:
-    """Non-overlapping `block_size` windows of a token stream, shuffled per epoch.
-
-    Micro-batch `i` is a pure function of (seed, i): epoch `i // per_epoch` uses its own
-    permutation of the windows. Rank `r` of `world` takes its slice of each global batch.
-    """
-
-    def __init__(self, tokens: np.ndarray, mask: np.ndarray | None, block_size: int, batch_size: int,
-                 seed: int, rank: int = 0, world: int = 1):
-        self.tokens, self.mask, self.block = tokens, mask, block_size
-        self.batch, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.windows = (len(tokens) - 1) // block_size
-        self.per_epoch = self.windows // (batch_size * world)
-        self._order = (None, None)
-
-    def get(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        epoch, j = divmod(i, self.per_epoch)
-        if self._order[0] != epoch:
-            self._order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.windows))
-        first = (j * self.world + self.rank) * self.batch
-        return self.rows(self._order[1][first:first + self.batch])
-
-    def rows(self, windows) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = np.asarray(windows, dtype=np.int64)[:, None] * self.block
-        index = starts + np.arange(self.block + 1)
-        chunk = torch.from_numpy(self.tokens[index].astype(np.int64))
-        x, y = chunk[:, :-1], chunk[:, 1:].clone()
-        if self.mask is not None:
-            y[torch.from_numpy(self.mask[index[:, 1:]] == 0)] = IGNORE
-        return x, y
-
-
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", fused: bool = True) -> torch.Tensor:
-    """Next-token cross-entropy in fp32.
-
-    `fused`: from the final hidden states through the head chunk by chunk (losses.py), never
-    holding the whole logits, wherever the model allows it (`_head_weight`).
-    """
-    weight = _head_weight(model) if fused else None
-    if weight is None:
-        logits = model(input_ids=x, use_cache=False).logits
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction=reduction)
-    # logits_to_keep=1: the model's own head scores only the last position, which costs nothing
-    out = model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=1)
-    total = linear_cross_entropy(out.hidden_states[-1].flatten(0, 1), weight, y.flatten())
-    return total if reduction == "sum" else total / (y != IGNORE).sum()
-
-
-def _head_weight(model) -> torch.Tensor | None:
-    """The head's weight when the fused loss can use it: a bias-free linear head, not sharded
-    (FSDP), on a model whose forward can skip computing logits (`logits_to_keep`)."""
-    inner = getattr(model, "module", model)  # inside DistributedDataParallel
-    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or head.bias is not None or hasattr(head.weight, "placements"):
-        return None
-    return head.weight if "logits_to_keep" in inspect.signature(inner.forward).parameters else None
 
 
 def set_dropout(model, p: float | None, attention: float) -> None:
@@ -109,6 +54,12 @@ def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> 
     return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def step_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of the dropout masks of one rank's optimizer step: each rank draws its own masks, and
+    a resumed run draws the same ones as an uninterrupted run, on any number of processes."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only; fused kernels where this PyTorch has them."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -118,113 +69,39 @@ def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim
 
 
 @dataclass
-class Evaluator:
-    blocks: Blocks | None
+class Trainer:
+    """Everything one process's training needs, as `setup` leaves it; `fit` moves `step` on."""
+
+    cfg: TrainConfig  # with the block size filled in
+    settings: TrainConfig  # as given: what penwright.json records and a resume compares
+    ranks: distributed.Ranks
+    device: torch.device
     dtype: torch.dtype
+    run: RunDir
+    store: TokenStore
+    tokenizer: object
+    model: torch.nn.Module  # the plain model: what is saved, evaluated and sampled
+    net: torch.nn.Module  # what the training step runs: the model itself, DDP around it, or sharded by FSDP
+    optimizer: torch.optim.Optimizer
+    blocks: Blocks
+    evaluator: Evaluator
+    writer: Writer
+    total: int  # optimizer steps planned
+    warmup: int
+    step: int  # optimizer steps done
+    start: int  # the step this process started from
+    guard: FiniteGuard
+    loss: object  # lm_loss, or its torch.compile'd self (the step alone: evaluation's shapes vary)
+    last_saved: Path | None  # the newest checkpoint
+    before: float  # validation loss before training
 
-    @classmethod
-    def over(cls, store: TokenStore, block_size: int, dtype) -> "Evaluator":
-        tokens = store.tokens("val")
-        if len(tokens) < 2:
-            return cls(None, dtype)
-        block = min(block_size, len(tokens) - 1)
-        return cls(Blocks(tokens, store.mask("val"), block, 1, 0), dtype)
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.cfg.block_size * self.ranks.world
 
-    @torch.no_grad()
-    def loss(self, model, max_batches: int | None = None, batch_size: int = 8) -> float:
-        """Token-weighted mean loss over the first `max_batches` batches of validation windows."""
-        if self.blocks is None:
-            return float("nan")
-        device = next(model.parameters()).device
-        windows = list(range(self.blocks.windows))
-        if max_batches is not None:
-            windows = windows[:max_batches * batch_size]
-        was_training = model.training
-        model.eval()
-        total, count = torch.zeros((), dtype=torch.float64), 0
-        for start in range(0, len(windows), batch_size):
-            x, y = self.blocks.rows(windows[start:start + batch_size])
-            with autocast(device, self.dtype):
-                total += lm_loss(model, x.to(device), y.to(device), reduction="sum").double().cpu()
-            count += int((y != IGNORE).sum())
-        model.train(was_training)
-        return total.item() / max(count, 1)
-
-
-@contextmanager
-def autocast(device: torch.device, dtype: torch.dtype):
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        yield
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish its step, save and exit cleanly."""
-
-    def __init__(self):
-        self.raised = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.raised is not None:  # a second Ctrl+C: stop now
-            raise KeyboardInterrupt
-        self.raised = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-
-class FiniteGuard:
-    """Skips optimizer steps whose loss or gradient norm is not finite; stops after too many.
-
-    The decision stays on the device (fused AdamW reads `found_inf` and skips its update, as it
-    does for GradScaler), so the loop gains no host sync; `check` reads the count at log and save
-    time, where the loop syncs anyway.
-    """
-
-    def __init__(self, limit: int, device: torch.device):
-        self.limit = limit
-        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
-        self.first = torch.zeros((), dtype=torch.int64, device=device)  # first skipped step, 0: none
-
-    def step(self, optimizer, loss: torch.Tensor, norm: torch.Tensor, step: int) -> torch.Tensor:
-        """`optimizer.step()` unless `loss` or `norm` is not finite; returns whether it skipped."""
-        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
-        if optimizer.defaults.get("fused"):
-            optimizer.found_inf = bad.float()
-            optimizer.step()
-        elif not bad.item():  # an unfused optimizer needs the answer on the host
-            optimizer.step()
-        self.skipped += bad
-        self.first = torch.where(bad & (self.first == 0), step, self.first)
-        return bad
-
-    def check(self, step: int, last_checkpoint: Path | None) -> None:
-        skipped = int(self.skipped)
-        if skipped > self.limit:
-            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
-            raise PenwrightError(
-                f"training stopped at step {step}: {skipped} steps had a non-finite loss or gradient (the first at "
-                f"step {int(self.first)}), more than --max-bad-steps {self.limit}; {kept}. Try a lower --lr or "
-                "--precision fp32, or look for broken text in the corpus")
-
-
-@contextmanager
-def memory_hint(cfg: TrainConfig):
-    """Running out of GPU or host memory becomes advice instead of a traceback."""
-    try:
-        yield
-    except (RuntimeError, MemoryError) as e:
-        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not any(
-                sign in str(e) for sign in ("out of memory", "can't allocate memory")):
-            raise
-        smaller = (f"e.g. --batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2}" if cfg.batch_size > 1
-                   else "or a smaller --block-size or model")
-        raise PenwrightError(f"out of memory with --batch-size {cfg.batch_size} and --block-size {cfg.block_size}: "
-                             f"use a smaller batch with more accumulation ({smaller}); continue with --resume") from None
+    @property
+    def sharded(self) -> bool:
+        return self.cfg.fsdp and self.ranks.world > 1
 
 
 def train(cfg: TrainConfig, log=print) -> Path:
@@ -233,36 +110,82 @@ def train(cfg: TrainConfig, log=print) -> Path:
     Under torchrun every process calls this and trains on its share of each batch (distributed.py).
     """
     ranks, device = distributed.setup(pick_device(cfg.device))
+    log = log if ranks.main else _quiet
     try:
-        return _train(cfg, ranks, device, log if ranks.main else _quiet)
+        trainer = setup(cfg, ranks, device, log)
+        stopped_by = fit(trainer, log)
+        if stopped_by:
+            log(f"stopped by {stopped_by} at step {trainer.step}; checkpoint {trainer.last_saved}. "
+                f"Continue with the same command plus --resume")
+            raise Stopped(stopped_by)
+        return finish(trainer, log) if ranks.main else trainer.run.path
     except PenwrightError:
         if ranks.main:
             raise
         raise SystemExit(2) from None  # every rank met the same problem; rank 0 alone reports it
+    except Exception as e:
+        if ranks.main or not distributed.peer_failed(e):
+            raise
+        print(f"penwright: rank {ranks.rank}: stopping because another process failed (rank 0 says why)",
+              file=sys.stderr)
+        raise SystemExit(1) from None
     finally:
         distributed.teardown()
+
+
+class Stopped(KeyboardInterrupt):
+    """Training stopped early by a signal (its name is the message), its checkpoint saved, so that
+    `penwright train ... && penwright generate ...` does not go on: the CLI exits 130, as for Ctrl+C."""
 
 
 def _quiet(*_) -> None:
     """The log of ranks other than 0."""
 
 
-def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log) -> Path:
-    from tqdm.auto import tqdm
+# --- setup --------------------------------------------------------------------------------------
 
+def setup(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log=print) -> Trainer:
+    """Claim the run dir, prepare the data, build the model and optimizer, restore a resumed run,
+    and write the run's settings and first evaluation. Trains nothing."""
     with distributed.main_first(ranks):  # rank 0 claims the run dir and fills the token cache first
         run = RunDir.claim(cfg) if ranks.main else RunDir(Path(cfg.out))
         store = prepare(cfg, log)
     # Rank 0 alone verifies the checkpoints' checksums.
-    resume_from = distributed.share(checkpoint.latest(run.path, log) if cfg.resume and not run.replace and ranks.main else None, ranks)
+    resume_from = distributed.share(checkpoint.latest(run.path, log) if cfg.resume and not run.replace and ranks.main
+                                    else None, ranks)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if device.type == "cpu" and cfg.malloc == "keep":
         keep_freed_memory()
     dtype = pick_dtype(cfg.precision, device)
     tokenizer = store.tokenizer()
+    model = build_model(cfg, tokenizer, device, resume_from)
+    settings, cfg = cfg, replace(cfg, block_size=_block_size(cfg, model))
+    blocks = training_blocks(store, cfg, ranks.rank, ranks.world)
+    if ranks.main:
+        run.create()  # only now that data, model and settings are known to be good
+    total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks.per_epoch / cfg.grad_accum))
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, total // 20)
+    model.train()
+    net = distributed.wrap(model, ranks, device, cfg.fsdp)  # moves the model to the device
+    if cfg.fsdp and ranks.world == 1:
+        log("--fsdp: a single process has nothing to shard with; training unsharded (start with torchrun or --nproc)")
+    trainer = Trainer(cfg, settings, ranks, device, dtype, run, store, tokenizer, model, net,
+                      make_optimizer(model, cfg, device), blocks, Evaluator.over(store, cfg.block_size, dtype),
+                      Writer(model, tokenizer, autocast=dtype if dtype != torch.float32 else None, log=log),
+                      total, warmup, 0, 0, FiniteGuard(cfg.max_bad_steps, device),
+                      torch.compile(lm_loss) if cfg.compile else lm_loss, resume_from, float("nan"))
+    _restore(trainer, resume_from, log)
+    _write_info(trainer)
+    _announce(trainer, log)
+    trainer.before = _first_evaluation(trainer, log)
+    return trainer
 
-    torch.manual_seed(cfg.seed)  # the same on every rank: same initial weights, same dropout stream
+
+def build_model(cfg: TrainConfig, tokenizer, device: torch.device, resume_from: Path | None):
+    """The model to train: from the checkpoint, from scratch or pretrained; with its embeddings fitted to
+    the tokenizer, the faster kernels swapped in, this run's dropout and, with --lora, adapters."""
+    torch.manual_seed(cfg.seed)  # the same on every rank: the same initial weights
     if resume_from and not cfg.lora:  # a LoRA checkpoint holds only the adapter
         model = load_model(str(resume_from))
     elif cfg.init == "scratch":
@@ -276,184 +199,211 @@ def _train(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log
     set_dropout(model, cfg.dropout, cfg.attention_dropout)
     if cfg.lora:
         model = lora.attach(model, cfg.lora_spec, cfg.model, adapter=resume_from)
+    return model
+
+
+def _block_size(cfg: TrainConfig, model) -> int:
     block_size = cfg.block_size or min(context_length(model), 512)
     if block_size > context_length(model):
         raise PenwrightError(f"--block-size {block_size} exceeds the model's context of {context_length(model)} tokens")
-    settings, cfg = cfg, replace(cfg, block_size=block_size)
-    blocks = _training_blocks(store, cfg, ranks.rank, ranks.world)
-    if ranks.main:
-        run.create()  # only now that data, model and settings are known to be good
-    total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks.per_epoch / cfg.grad_accum))
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(100, total // 20)
-
-    model.train()
-    net = distributed.wrap(model, ranks, device, cfg.fsdp)  # on the device; what the training step runs
-    sharded = cfg.fsdp and ranks.world > 1
-    if cfg.fsdp and not sharded:
-        log("--fsdp: a single process has nothing to shard with; training unsharded (start with torchrun or --nproc)")
-    optimizer = make_optimizer(model, cfg, device)
-    # Compiling the step alone leaves evaluation and sampling, whose shapes vary, uncompiled.
-    step_loss = torch.compile(lm_loss) if cfg.compile else lm_loss
-    step = 0
-    if resume_from:
-        state = checkpoint.load_state(resume_from)
-        distributed.load_optimizer(model, optimizer, state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        step = state["step"]
-        if ranks.main:
-            run.forget_after(step)
-        log(f"resuming from {resume_from} (step {step})")
-    elif cfg.resume:
-        log("no checkpoint to resume from; starting a new run")
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * block_size * ranks.world
-    if ranks.main:
-        run.write_info(settings, stats=store.stats, block_size=block_size, total_steps=total, processes=ranks.world,
-                       tokens_per_step=tokens_per_step)
-    evaluator = Evaluator.over(store, block_size, dtype)
-    writer = Writer(model, tokenizer, autocast=dtype if dtype != torch.float32 else None, log=log)
-    sampling = SampleConfig(max_new_tokens=cfg.sample_length, seed=cfg.seed)
-    _announce(log, store, cfg, total, tokens_per_step, device, dtype, ranks.world)
-
-    if step == 0:
-        before = evaluator.loss(model, cfg.eval_batches)  # on every rank: a sharded model needs them all
-        if ranks.main:
-            run.log({"step": 0, "val_loss": before, "val_ppl": _ppl(before)})
-    else:
-        before = next((r["val_loss"] for r in run.metrics() if r.get("step") == 0 and "val_loss" in r), float("nan"))
-
-    guard, last_saved, start = FiniteGuard(cfg.max_bad_steps, device), resume_from, step
-
-    def save(at_step: int) -> Path:
-        nonlocal last_saved
-        guard.check(at_step, last_saved)  # never checkpoint a run past its limit of skipped steps
-        weights, optimizer_state = distributed.full_state(model, optimizer, sharded)  # all ranks gather
-        state = {"step": at_step, "optimizer": optimizer_state,
-                 "rng": {"torch": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if device.type == "cuda" else {})}}
-        if ranks.main:
-            last_saved = checkpoint.save(run.path, at_step, model, tokenizer, state, cfg.keep_checkpoints, weights)
-        return last_saved
-
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, desc="training",
-               mininterval=0.5 if sys.stderr.isatty() else 30, disable=not ranks.main)
-    running, timer, counted = torch.zeros((), device=device), time.perf_counter(), 0
-    good = torch.zeros((), device=device)  # steps in this log window that were not skipped
-    with StopFlag() as stop, memory_hint(cfg):
-        while step < total:
-            lr = lr_at(step, cfg.peak_lr, warmup, total, cfg.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            summed = 0  # this step's micro-batch losses
-            for micro in range(cfg.grad_accum):
-                x, y = blocks.get(step * cfg.grad_accum + micro)
-                with distributed.sync_gradients(net, now=micro == cfg.grad_accum - 1):
-                    with autocast(device, dtype):
-                        loss = step_loss(net, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                         fused=cfg.head_loss == "chunked")
-                    (loss / cfg.grad_accum).backward()
-                summed = summed + loss.detach()
-            # With --grad-clip 0 an infinite limit only measures the norm, which the guard needs.
-            norm = distributed.plain(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf))
-            bad = guard.step(optimizer, summed, norm, step + 1)
-            running += torch.where(bad, 0.0, summed)
-            good += ~bad
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            counted += 1
-            bar.update(1)
-            stopping = distributed.agree(stop.raised, ranks, device)
-            if step % cfg.log_every == 0 or step == total or stopping:
-                # the loop's host sync; the loss is the mean over ranks
-                loss_sum, good_steps = distributed.mean(torch.stack([running, good]), ranks).tolist()
-                mean = loss_sum / (good_steps * cfg.grad_accum) if good_steps else float("nan")
-                speed = counted * tokens_per_step / (time.perf_counter() - timer)
-                skipped = {"skipped_steps": counted - int(good_steps)} if good_steps < counted else {}
-                if ranks.main:
-                    run.log({"step": step, "loss": mean, "lr": lr, "tokens_per_s": speed,  # tokens: all ranks'
-                             "tokens": step * tokens_per_step, "processes": ranks.world, **skipped})
-                bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}")
-                guard.check(step, last_saved)
-                running.zero_()
-                good.zero_()
-                timer, counted = time.perf_counter(), 0
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
-                val = evaluator.loss(model, cfg.eval_batches)
-                if ranks.main:
-                    run.log({"step": step, "val_loss": val, "val_ppl": _ppl(val)})
-                    bar.write(f"step {step}: validation loss {val:.4f}, perplexity {_ppl(val):.2f}")
-            if cfg.sample_every and step % cfg.sample_every == 0 and ranks.main and not sharded:
-                text = writer.samples([None], sampling)[0].text
-                run.log({"step": step, "sample": text})
-                bar.write(f"--- sample at step {step} ---\n{text}\n---")
-            if stopping and step < total:
-                where = save(step)
-                bar.close()
-                log(f"stopped by {stopping} at step {step}; checkpoint {where}. "
-                    f"Continue with the same command plus --resume")
-                return run.path
-            if cfg.save_every and step % cfg.save_every == 0 and step < total:
-                save(step)
-    bar.close()
-    if step > start:  # a run resumed at its last step has that checkpoint already
-        save(step)
-    if not ranks.main:
-        return run.path
-    if sharded:  # rank 0 cannot run a sharded model alone: reload the full one just saved
-        model = load_model(str(last_saved)).to(device)
-        writer = Writer(model, tokenizer, autocast=writer.autocast, log=log)
-    return _finish(run, settings, block_size, model, tokenizer, store, evaluator, writer, sampling, before, log)
+    return block_size
 
 
-def _training_blocks(store: TokenStore, cfg: TrainConfig, rank: int = 0, world: int = 1) -> Blocks:
-    tokens = store.tokens("train")
-    blocks = Blocks(tokens, store.mask("train"), cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
-    if blocks.windows == 0:
-        fits = 1 << max(3, (len(tokens) - 2).bit_length() - 1)
-        hint = f"use --block-size {fits} or less, or add text" if len(tokens) > 9 else "add more text"
-        raise PenwrightError(f"the training split has {len(tokens)} tokens, fewer than one block of "
-                             f"{cfg.block_size}+1; {hint}")
-    if blocks.per_epoch == 0:
-        raise PenwrightError(f"the training split holds {blocks.windows} blocks of {cfg.block_size} tokens, fewer "
-                             f"than one batch of {cfg.batch_size * world}; use --batch-size {blocks.windows // world} "
-                             "or a smaller --block-size")
-    return blocks
+def _restore(t: Trainer, resume_from: Path | None, log) -> None:
+    """A resumed run takes the checkpoint's optimizer state and step (its weights are already loaded)."""
+    if resume_from is None:
+        if t.cfg.resume:
+            log("no checkpoint to resume from; starting a new run")
+        return
+    state = checkpoint.load_state(resume_from)
+    distributed.load_optimizer(t.model, t.optimizer, state["optimizer"])
+    t.step = t.start = state["step"]
+    if t.ranks.main:
+        t.run.forget_after(t.step)
+    log(f"resuming from {resume_from} (step {t.step})")
 
 
-def _announce(log, store, cfg, total, tokens_per_step, device, dtype, world) -> None:
-    s = store.stats
+def _write_info(t: Trainer) -> None:
+    if t.ranks.main:
+        t.run.write_info(t.settings, stats=t.store.stats, block_size=t.cfg.block_size, total_steps=t.total,
+                         processes=t.ranks.world, tokens_per_step=t.tokens_per_step)
+
+
+def _first_evaluation(t: Trainer, log) -> float:
+    """The validation loss before training (on a resumed run, the one recorded at step 0)."""
+    if t.step > 0:
+        return next((r["val_loss"] for r in t.run.metrics() if r.get("step") == 0 and "val_loss" in r), float("nan"))
+    log(f"validation before training ({t.evaluator.batches(t.cfg.eval_batches)} batches) ...")
+    before = t.evaluator.loss(t.model, t.cfg.eval_batches)  # on every rank: a sharded model needs them all
+    if t.ranks.main:
+        t.run.log({"step": 0, "val_loss": before, "val_ppl": _ppl(before)})
+    log(f"validation perplexity before training: {_ppl(before):.2f}")
+    return before
+
+
+def _announce(t: Trainer, log) -> None:
+    s, cfg = t.store.stats, t.cfg
     labels = ", ".join(f"{k}={v}" for k, v in s["labels"].items())
     log(f"corpus: {s['files']} files, {s['documents']} documents, {s['characters']:,} characters, "
         f"{s['tokens']:,} tokens ({s['train_tokens']:,} train / {s['val_tokens']:,} validation)"
         + (f"; labels: {labels}" if labels else ""))
-    processes = f" x {world} processes" if world > 1 else ""
-    log(f"training {total} steps of {tokens_per_step:,} tokens (batch {cfg.batch_size} x accumulation "
-        f"{cfg.grad_accum} x block {cfg.block_size}{processes}), lr {cfg.peak_lr:g}, on {device} in "
-        f"{str(dtype).split('.')[-1]}")
-    if world > 1:
-        log(f"effective batch: {cfg.batch_size * cfg.grad_accum * world} sequences; on N processes, "
-            f"--batch-size {cfg.batch_size * world}/N keeps it and the lr")
+    processes = f" x {t.ranks.world} processes" if t.ranks.world > 1 else ""
+    log(f"training {t.total} steps of {t.tokens_per_step:,} tokens (batch {cfg.batch_size} x accumulation "
+        f"{cfg.grad_accum} x block {cfg.block_size}{processes}), lr {cfg.peak_lr:g}, on {t.device} in "
+        f"{str(t.dtype).split('.')[-1]}")
+    if t.ranks.world > 1:
+        log(f"effective batch: {cfg.batch_size * cfg.grad_accum * t.ranks.world} sequences; on N processes, "
+            f"--batch-size {cfg.batch_size * t.ranks.world}/N keeps it and the lr")
 
 
-def _finish(run, cfg, block_size, model, tokenizer, store, evaluator, writer, sampling, before, log) -> Path:
-    """Final evaluation on the whole validation split, samples, the HF model, plot and card."""
-    after = evaluator.loss(model)
-    run.log({"step": run.metrics()[-1]["step"] if run.metrics() else 0, "val_loss": after, "val_ppl": _ppl(after)})
-    samples = [s.text for s in writer.samples([None], replace(sampling, num_samples=3))]
-    checkpoint.publish_model(run.path, model, tokenizer)
+# --- the loop -----------------------------------------------------------------------------------
+
+def fit(t: Trainer, log=print) -> str | None:
+    """Optimizer steps until the planned total. Returns what stopped it early (a signal's name, after
+    saving a checkpoint), or None when it ran to the end."""
+    cfg, meter = t.cfg, Meter(t.device)
+    bar = _progress_bar(t)
+    with StopFlag() as stop, memory_hint(cfg):
+        while t.step < t.total:
+            # One optimizer step: grad_accum micro-batches, clipped, skipped if not finite.
+            lr = lr_at(t.step, cfg.peak_lr, t.warmup, t.total, cfg.min_lr_ratio)
+            loss, bad = train_step(t, lr)
+            t.step += 1
+            meter.add(loss, bad)
+            bar.update(1)
+            stopping = distributed.agree(stop.raised, t.ranks, t.device)
+            last = t.step == t.total
+
+            # The loop's host sync: loss (the mean over ranks) and speed, to metrics.jsonl and the bar.
+            if t.step % cfg.log_every == 0 or last or stopping:
+                _log_progress(t, meter, lr, bar)
+            # Evaluation and samples on their own schedules (the final ones are finish's).
+            if cfg.eval_every and t.step % cfg.eval_every == 0 and not last:
+                _evaluate(t, bar)
+            if cfg.sample_every and t.step % cfg.sample_every == 0 and t.ranks.main and not t.sharded:
+                text = t.writer.samples([None], _sampling(t))[0].text
+                t.run.log({"step": t.step, "sample": text})
+                bar.write(f"--- sample at step {t.step} ---\n{text}\n---")
+            # Checkpoints: on schedule, at the end, and when asked to stop.
+            if stopping and not last:
+                save(t)
+                bar.close()
+                return stopping
+            if last or (cfg.save_every and t.step % cfg.save_every == 0):
+                save(t)
+    bar.close()
+    return None
+
+
+def train_step(t: Trainer, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step at learning rate `lr`: the summed micro-batch losses and whether it was skipped."""
+    cfg = t.cfg
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr
+    torch.manual_seed(step_seed(cfg.seed, t.ranks.rank, t.step))
+    summed = torch.zeros((), device=t.device)
+    for micro in range(cfg.grad_accum):
+        x, y = t.blocks.get(t.step * cfg.grad_accum + micro)
+        with distributed.sync_gradients(t.net, now=micro == cfg.grad_accum - 1):
+            with autocast(t.device, t.dtype):
+                loss = t.loss(t.net, x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True),
+                                 fused=cfg.head_loss == "chunked")
+            (loss / cfg.grad_accum).backward()
+        summed = summed + loss.detach()
+    # With --grad-clip 0 an infinite limit only measures the norm, which the guard needs.
+    norm = distributed.plain(torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.grad_clip or math.inf))
+    bad = t.guard.step(t.optimizer, summed, norm, t.step + 1)
+    t.optimizer.zero_grad(set_to_none=True)
+    return summed, bad
+
+
+class Meter:
+    """The losses and speed of the steps since the last log line, kept on the device until then."""
+
+    def __init__(self, device: torch.device):
+        self.running = torch.zeros((), device=device)
+        self.good = torch.zeros((), device=device)  # steps not skipped
+        self.reset()
+
+    def reset(self) -> None:
+        self.running.zero_()
+        self.good.zero_()
+        self.timer, self.steps = time.perf_counter(), 0
+
+    def add(self, loss: torch.Tensor, bad: torch.Tensor) -> None:
+        self.running += torch.where(bad, 0.0, loss)
+        self.good += ~bad
+        self.steps += 1
+
+
+def _log_progress(t: Trainer, meter: Meter, lr: float, bar) -> None:
+    loss_sum, good_steps = distributed.mean(torch.stack([meter.running, meter.good]), t.ranks).tolist()
+    mean = loss_sum / (good_steps * t.cfg.grad_accum) if good_steps else float("nan")
+    speed = meter.steps * t.tokens_per_step / (time.perf_counter() - meter.timer)
+    skipped = {"skipped_steps": meter.steps - int(good_steps)} if good_steps < meter.steps else {}
+    if t.ranks.main:
+        t.run.log({"step": t.step, "loss": mean, "lr": lr, "tokens_per_s": speed,  # tokens: all ranks'
+                   "tokens": t.step * t.tokens_per_step, "processes": t.ranks.world, **skipped})
+    bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}")
+    t.guard.check(t.step, t.last_saved)
+    meter.reset()
+
+
+def _evaluate(t: Trainer, bar) -> None:
+    val = t.evaluator.loss(t.model, t.cfg.eval_batches)  # on every rank: a sharded model needs them all
+    if t.ranks.main:
+        t.run.log({"step": t.step, "val_loss": val, "val_ppl": _ppl(val)})
+        bar.write(f"step {t.step}: validation loss {val:.4f}, perplexity {_ppl(val):.2f}")
+
+
+def save(t: Trainer) -> Path | None:
+    """Checkpoint the current step (every rank takes part: under FSDP they gather the weights)."""
+    t.guard.check(t.step, t.last_saved)  # never checkpoint a run past its limit of skipped steps
+    weights, optimizer_state = distributed.full_state(t.model, t.optimizer, t.sharded)
+    if t.ranks.main:
+        t.last_saved = checkpoint.save(t.run.path, t.step, t.model, t.tokenizer,
+                                       {"step": t.step, "optimizer": optimizer_state}, t.cfg.keep_checkpoints, weights)
+    return t.last_saved
+
+
+def _progress_bar(t: Trainer):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=t.total, initial=t.step, unit="step", dynamic_ncols=True, desc="training",
+                mininterval=0.5 if sys.stderr.isatty() else 30, disable=not t.ranks.main)
+
+
+def _sampling(t: Trainer) -> SampleConfig:
+    return SampleConfig(max_new_tokens=t.cfg.sample_length, seed=t.cfg.seed)
+
+
+# --- finish -------------------------------------------------------------------------------------
+
+def finish(t: Trainer, log=print) -> Path:
+    """Rank 0, after the loop: the final evaluation on the whole validation split, samples, the HF
+    model, the plot and the model card."""
+    model, writer = t.model, t.writer
+    if t.sharded:  # rank 0 cannot run a sharded model alone: reload the full one just saved
+        model = load_model(str(t.last_saved)).to(t.device)
+        writer = Writer(model, t.tokenizer, autocast=writer.autocast, log=log)
+    after = t.evaluator.loss(model)
+    t.run.log({"step": t.step, "val_loss": after, "val_ppl": _ppl(after)})
+    samples = [s.text for s in writer.samples([None], replace(_sampling(t), num_samples=3))]
+    checkpoint.publish_model(t.run.path, model, t.tokenizer)
     results = {"validation loss": f"{after:.4f}", "validation perplexity": f"{_ppl(after):.2f}",
-               "validation perplexity before training": f"{_ppl(before):.2f}"}
-    if cfg.eval_at_end:
+               "validation perplexity before training": f"{_ppl(t.before):.2f}"}
+    if t.cfg.eval_at_end:
         from .evaluation import end_of_training
 
-        results.update(end_of_training(writer, cfg, log))
-    run.write_info(cfg, stats=store.stats, block_size=block_size, results={"val_loss": after, "val_ppl": _ppl(after),
-                                                    "val_loss_before": before, "val_ppl_before": _ppl(before)})
-    run.plot_loss()
-    run.write_card(cfg, store.stats, results, samples)
-    log(f"validation perplexity: {_ppl(before):.2f} before, {_ppl(after):.2f} after training")
-    log(f"model saved to {run.path}")
-    return run.path
+        results.update(end_of_training(writer, t.cfg, log))
+    t.run.write_info(t.settings, stats=t.store.stats, block_size=t.cfg.block_size,
+                     results={"val_loss": after, "val_ppl": _ppl(after), "val_loss_before": t.before,
+                              "val_ppl_before": _ppl(t.before)})
+    t.run.plot_loss()
+    t.run.write_card(t.settings, t.store.stats, results, samples)
+    log(f"validation perplexity: {_ppl(t.before):.2f} before, {_ppl(after):.2f} after training")
+    log(f"model saved to {t.run.path}")
+    return t.run.path
 
 
 def _ppl(loss: float) -> float:

@@ -1,0 +1,85 @@
+"""What stops a training run safely: a signal (finish the step, save, say how to resume), steps
+whose loss or gradient is not finite (skipped, up to a limit), and running out of memory (advice
+instead of a traceback).
+"""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+from .errors import PenwrightError
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to finish its step, save and exit cleanly."""
+
+    def __init__(self):
+        self.raised = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised is not None:  # a second Ctrl+C: stop now
+            raise KeyboardInterrupt
+        self.raised = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class FiniteGuard:
+    """Skips optimizer steps whose loss or gradient norm is not finite; stops after too many.
+
+    The decision stays on the device (fused AdamW reads `found_inf` and skips its update, as it
+    does for GradScaler), so the loop gains no host sync; `check` reads the count at log and save
+    time, where the loop syncs anyway.
+    """
+
+    def __init__(self, limit: int, device: torch.device):
+        self.limit = limit
+        self.skipped = torch.zeros((), dtype=torch.int64, device=device)
+        self.first = torch.zeros((), dtype=torch.int64, device=device)  # first skipped step, 0: none
+
+    def step(self, optimizer, loss: torch.Tensor, norm: torch.Tensor, step: int) -> torch.Tensor:
+        """`optimizer.step()` unless `loss` or `norm` is not finite; returns whether it skipped."""
+        bad = ~(torch.isfinite(loss) & torch.isfinite(norm))
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = bad.float()
+            optimizer.step()
+        elif not bad.item():  # an unfused optimizer needs the answer on the host
+            optimizer.step()
+        self.skipped += bad
+        self.first = torch.where(bad & (self.first == 0), step, self.first)
+        return bad
+
+    def check(self, step: int, last_checkpoint: Path | None) -> None:
+        skipped = int(self.skipped)
+        if skipped > self.limit:
+            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+            raise PenwrightError(
+                f"training stopped at step {step}: {skipped} steps had a non-finite loss or gradient (the first at "
+                f"step {int(self.first)}), more than --max-bad-steps {self.limit}; {kept}. Try a lower --lr or "
+                "--precision fp32, or look for broken text in the corpus")
+
+
+@contextmanager
+def memory_hint(cfg: TrainConfig):
+    """Running out of GPU or host memory becomes advice instead of a traceback."""
+    try:
+        yield
+    except (RuntimeError, MemoryError) as e:
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and not any(
+                sign in str(e) for sign in ("out of memory", "can't allocate memory")):
+            raise
+        smaller = (f"e.g. --batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2}" if cfg.batch_size > 1
+                   else "or a smaller --block-size or model")
+        raise PenwrightError(f"out of memory with --batch-size {cfg.batch_size} and --block-size {cfg.block_size}: "
+                             f"use a smaller batch with more accumulation ({smaller}); continue with --resume") from None
