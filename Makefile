@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 
-.PHONY: install demo test browser bench bench-serve bench-lora soak clean
+.PHONY: install demo test lint browser bench bench-serve bench-lora soak clean
 
 install: $(STAMP)
 
@@ -27,8 +27,11 @@ demo: $(STAMP)
 	        --max-new-tokens 80 --trim-to-sentence || exit 1; \
 	done
 
-test: $(STAMP) browser
+test: $(STAMP) browser lint
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
 
 # The web page's test drives Debian's chromium with Playwright (no browser download).
 browser:

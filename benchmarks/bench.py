@@ -272,8 +272,14 @@ def train_penwright(spec: dict) -> tuple[list[float], float]:
 def train_hf(spec: dict) -> tuple[list[float], float]:
     """The run_clm recipe: text lines -> tokenize (batched map) -> group_texts -> Trainer defaults."""
     from datasets import load_dataset
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     work, block = Path(spec["work"]), spec["block"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -491,7 +497,7 @@ def bench_coldstart(s, results) -> dict:
 
 def write_markdown(r: dict) -> None:
     """Replace the speed section of RESULTS.md (between its markers) with this run's tables."""
-    lines = [f"## Speed (`make bench`): penwright against HF Trainer, pipeline and datasets",
+    lines = ["## Speed (`make bench`): penwright against HF Trainer, pipeline and datasets",
              "",
              f"{r['machine']['cpu']}, {r['machine']['cores']} cores ({', '.join(r['machine']['isa'])}), "
              f"GPU: {r['machine']['gpu'] or 'none'}; torch {r['machine']['torch']}, transformers "

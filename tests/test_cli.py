@@ -26,7 +26,8 @@ def one_error_line(capsys, *argv) -> str:
 @pytest.mark.parametrize("argv, expected", [
     (["train", "--data", "missing.txt", "--out", "x"], "missing.txt: no such file or folder"),
     (["train", "--data", "{empty}", "--init", "scratch", "--out", "x"], "the corpus is empty"),
-    (["train", "--data", "{latin}", "--init", "scratch", "--out", "x"], "not valid utf-8 at byte 3; pass the file's encoding"),
+    (["train", "--data", "{latin}", "--init", "scratch", "--out", "x"],
+     "not valid utf-8 at byte 3; pass the file's encoding"),
     (["train", "--data", "{csv}", "--init", "scratch", "--label-column", "genre", "--out", "x"],
      "no column 'text'; it has: plot, tag"),
     (["train", "--data", "{csv}", "--text-column", "plot", "--model", "gpt2", "--out", "x"],
@@ -37,7 +38,8 @@ def one_error_line(capsys, *argv) -> str:
     (["generate", "--model", "x", "--top-p", "1.5"], r"--top-p must be in (0, 1]"),
     (["generate", "--prompt", "hi"], "no model given: pass --model"),
     (["generate", "--model", "no/such/dir"], "not a model directory or .gguf file"),
-    (["generate", "--model", "nonexistent-model-xyz"], "not in the local cache and the Hugging Face hub is unreachable"),
+    (["generate", "--model", "nonexistent-model-xyz"],
+     "not in the local cache and the Hugging Face hub is unreachable"),
 ])
 def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv, expected):
     monkeypatch.chdir(tmp_path)

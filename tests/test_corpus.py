@@ -37,7 +37,8 @@ def test_folder_reads_txt_and_md_but_not_hidden_or_other_files(tmp_path):
 
 def test_line_by_line_makes_each_nonempty_line_a_document(tmp_path):
     (tmp_path / "lines.txt").write_text("one\n\n  two  \nthree\n")
-    assert [d.text for d in corpus(tmp_path / "lines.txt", line_by_line=True, val_fraction=0).train] == ["one", "two", "three"]
+    read = corpus(tmp_path / "lines.txt", line_by_line=True, val_fraction=0)
+    assert [d.text for d in read.train] == ["one", "two", "three"]
 
 
 def test_csv_with_labels_and_stats(stories_csv):

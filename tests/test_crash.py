@@ -13,7 +13,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -126,10 +125,10 @@ def kill_and_resume(cfg: TrainConfig, kills: int, seed: int, logs: Path) -> Coun
             if moment == "anytime":
                 time.sleep(rng.uniform(0, 12))
             elif moment == "training":
-                wait_for(lambda: bool(training_steps(out)) and training_steps(out)[-1] > (before or 0), proc)
+                wait_for(lambda after=before or 0: bool(training_steps(out)) and training_steps(out)[-1] > after, proc)
                 time.sleep(rng.uniform(0, 1))
             else:
-                wait_for(lambda: saving(out, proc.pid), proc)
+                wait_for(lambda pid=proc.pid: saving(out, pid), proc)
                 time.sleep(rng.uniform(0, 0.05))
             proc.kill()
         assert proc.wait(timeout=300) in (0, -signal.SIGKILL), log.read_text()[-2000:]
@@ -192,7 +191,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_exit_130_with_a_resume_hint(tm
     for sig in (signal.SIGINT, signal.SIGTERM):
         log = tmp_path / f"{sig.name}.log"
         proc = start(cfg, log)
-        wait_for(lambda: bool(training_steps(out)) and training_steps(out)[-1] > stopped, proc)
+        wait_for(lambda after=stopped: bool(training_steps(out)) and training_steps(out)[-1] > after, proc)
         proc.send_signal(sig)
         assert proc.wait(timeout=120) == 130, log.read_text()[-2000:]  # `train && generate` must not go on
         said = re.search(rf"stopped by {sig.name} at step (\d+); checkpoint (\S+)\. "

@@ -117,7 +117,8 @@ def test_nproc_bad_input_is_one_line(tmp_path, stories_txt, tiny_base):
 def test_a_failure_on_rank_0_ends_the_others_with_one_line(tmp_path, stories_txt, tiny_base, small_disk):
     """Rank 0 alone writes checkpoints; when the disk fills it says so, and rank 1, waiting in a collective
     that will never complete, leaves with one line instead of a gloo traceback."""
-    cfg = base_config(stories_txt, tiny_base, small_disk / "run", max_steps=10_000, save_every=1, keep_checkpoints=10_000)
+    cfg = base_config(stories_txt, tiny_base, small_disk / "run", max_steps=10_000, save_every=1,
+                      keep_checkpoints=10_000)
     done = penwright("train", "--nproc", "2", *as_flags(cfg))
     assert done.returncode != 0
     assert done.stderr.count("penwright: error: disk full while saving checkpoint") == 1, done.stderr[-3000:]

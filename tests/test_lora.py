@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from penwright import PenwrightError, TrainConfig, train
+from penwright import TrainConfig, train
 from penwright.cli import main
 from penwright.config import LoraSpec, parse_lora
 from penwright.lora import attach, export_merged
@@ -93,16 +93,3 @@ def test_export_refuses_what_it_cannot_merge(tmp_path, tiny_base, capsys):
 ])
 def test_parse(text, spec):
     assert parse_lora(text) == spec
-
-
-@pytest.mark.parametrize("settings, message", [
-    (dict(lora="r=0"), "need r >= 1"),
-    (dict(lora="rank=4"), "expected r=N"),
-    (dict(lora="r=four"), "r must be a number"),
-    (dict(lora="r=4", init="scratch"), "drop --init scratch"),
-    (dict(lora="r=4", label_column="genre"), "--label-column"),
-    (dict(lora="r=4", fsdp=True), "--fsdp"),
-])
-def test_bad_lora_settings_are_refused(settings, message):
-    with pytest.raises(PenwrightError, match=message):
-        TrainConfig(data="x.txt", out="runs/x", **settings)

@@ -8,9 +8,8 @@ import json
 import pytest
 import torch
 
-from penwright.devices import pick_dtype
-
 from conftest import tiny_config
+from penwright.devices import pick_dtype
 
 
 @pytest.mark.parametrize("forced, dtype", [("0", torch.float32), ("1", torch.bfloat16)])

@@ -15,7 +15,6 @@ from conftest import serving
 from penwright import load
 from penwright.cli import main
 from penwright.config import ServeConfig
-from penwright.errors import PenwrightError
 from penwright.generate import Writer
 from penwright.serve import create_app
 
@@ -198,13 +197,6 @@ def test_api_key_is_required_when_set(tiny_run):
             openai.OpenAI(base_url=f"{url}/v1", api_key="guess", max_retries=0).models.list()
 
 
-def test_api_key_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("PENWRIGHT_API_KEY", "from-env")
-    assert ServeConfig().api_key == "from-env" and ServeConfig(api_key="flag").api_key == "flag"
-    with pytest.raises(PenwrightError, match="both named 'a'"):
-        ServeConfig(model=["runs/a", "other/a"])
-
-
 # --- concurrency --------------------------------------------------------------------------------
 
 def test_simultaneous_clients_all_get_answers(url):
@@ -229,6 +221,31 @@ def test_a_client_that_leaves_stops_its_stream(url, slow):
         next(response.iter_lines())
     assert slow.closed.wait(5), "the stream was not closed after the client left"
     assert not slow.finished and slow.pieces < 40
+
+
+class CountingWriter(Writer):
+    """Takes 20 ms a token and counts the tokens it was asked to write."""
+
+    steps = 0
+
+    def _decode(self, *args, **kwargs):
+        for step in super()._decode(*args, **kwargs):
+            time.sleep(0.02)
+            self.steps += 1
+            yield step
+
+
+def test_a_client_that_leaves_stops_its_plain_request(tiny_run):
+    counting = writer_from(tiny_run, CountingWriter)
+    body = {"prompt": "The ship", "max_tokens": 60, "seed": 11, "label": "scifi"}
+    with serving(create_app(ServeConfig(), {"counting": counting})) as url:
+        assert complete(url, **body).json()["choices"][0]["finish_reason"] == "length"  # 60 tokens if left alone
+        assert counting.steps == 60
+        counting.steps = 0
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up after 0.3 s and closes the connection
+            httpx.post(f"{url}/v1/completions", json=body, timeout=0.3)
+        time.sleep(1.5)  # what 60 tokens would take, and more
+        assert 0 < counting.steps < 40, counting.steps
 
 
 def test_streams_take_turns(tiny_run):

@@ -71,3 +71,25 @@ def test_long_texts_are_chunked_without_changing_tokens(stories_txt, monkeypatch
     monkeypatch.setattr(tokens, "CHUNK_CHARS", 500)
     assert len(list(tokens._chunks(text))) > 50
     assert np.array_equal(tokens.encode_texts(tokenizer, [text])[0], whole)
+
+
+def test_a_killed_prepare_leaves_nothing_the_next_one_keeps(tmp_path, stories_txt):
+    """Temporary stores of dead processes older than a minute go; a live writer's, or a fresh one, stay."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    root = tokens.cache_root(config(stories_txt, cache_dir=str(tmp_path)))
+    old, young, live = (root / f".tmp-{name}" for name in (f"abc-{dead}", f"def-{dead}", f"ghi-{os.getpid()}"))
+    for folder in (old, young, live):
+        folder.mkdir(parents=True)
+        (folder / "train.bin").write_bytes(b"half")
+    an_hour_ago = time.time() - 3600
+    for folder in (old, live):
+        os.utime(folder, (an_hour_ago, an_hour_ago))
+    store = prepare(config(stories_txt, cache_dir=str(tmp_path)), log=lambda *_: None)
+    assert not old.exists() and young.exists() and live.exists()
+    assert store.path.parent == root and [p for p in root.iterdir() if not p.name.startswith(".")] == [store.path]

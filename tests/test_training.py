@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from conftest import tiny_config
 from penwright import PenwrightError, train, training
-from penwright.tokens import prepare
 from penwright.batches import Blocks
 from penwright.losses import IGNORE, lm_loss
+from penwright.tokens import prepare
 
 quiet = dict(log=lambda *_: None)
 

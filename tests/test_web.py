@@ -6,11 +6,11 @@ import shutil
 
 import httpx
 import pytest
+from test_serve import SlowWriter, writer_from
 
 from conftest import serving
 from penwright.config import ServeConfig
 from penwright.serve import create_app
-from test_serve import SlowWriter, writer_from
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",

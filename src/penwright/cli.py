@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import EvalConfig, ExportConfig, GenerateConfig, PrepareConfig, ServeConfig, TrainConfig
 from .errors import PenwrightError
 
+
 def add_config_flags(parser: argparse.ArgumentParser, config, skip: tuple[str, ...] = ()) -> None:
     """One flag per dataclass field, typed and documented from the field itself."""
     hints = typing.get_type_hints(config)

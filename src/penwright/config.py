@@ -105,7 +105,8 @@ class Settings:
 class Runtime(Settings):
     """Where and how a model runs: shared by train, generate, eval and serve."""
 
-    precision: Precision = opt("auto", "auto (bf16 where the CPU or GPU has it natively), fp32, bf16 or fp16 (CUDA only)")
+    precision: Precision = opt("auto", "auto (bf16 where the CPU or GPU has it natively), fp32, bf16 "
+                                       "or fp16 (CUDA only)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     allow_pickle: bool = opt(False, "allow loading pickled .bin/.pt weights (they can run code)")
 
@@ -197,7 +198,8 @@ class TrainConfig(Runtime, PrepareConfig):
     def check(self):
         _at_least(self, 1, "batch_size", "grad_accum", "keep_checkpoints", "log_every", "sample_length", "eval_batches")
         _at_least(self, 0, "eval_every", "sample_every", "save_every", "weight_decay", "grad_clip", "max_bad_steps")
-        _check(self.block_size is None or self.block_size >= 8, f"--block-size must be at least 8, got {self.block_size}")
+        _check(self.block_size is None or self.block_size >= 8,
+               f"--block-size must be at least 8, got {self.block_size}")
         _check(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         _check(0 <= self.attention_dropout < 1, f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
         _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
@@ -240,7 +242,8 @@ class SampleConfig(Settings):
     seed: int | None = opt(None, "random seed: the same seed gives the same text")
     stop: list[str] = opt([], "stop a sample at this string (repeatable)", action="append")
     trim_to_sentence: bool = opt(False, "cut each sample after its last complete sentence")
-    label: str | None = opt(None, "write in this label's style, e.g. --label horror (models trained with --label-column)")
+    label: str | None = opt(None, "write in this label's style, e.g. --label horror "
+                                  "(models trained with --label-column)")
 
     def check(self):
         _check(self.max_new_tokens >= 1, f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
@@ -277,7 +280,8 @@ class GenerateConfig(Runtime, SampleConfig):
                 "ids, .gguf, LoRA runs), or auto (penwright where it can, else hf)")
 
     def check(self):
-        _check(not (self.prompt is not None and self.prompt_file is not None), "give --prompt or --prompt-file, not both")
+        _check(not (self.prompt is not None and self.prompt_file is not None),
+               "give --prompt or --prompt-file, not both")
 
 
 @dataclass

@@ -114,7 +114,8 @@ def _decode(file: Path, data: bytes, encoding: str) -> str:
         raise PenwrightError(f"{file}: not valid {encoding} at byte {e.start}; "
                              f"pass the file's encoding, e.g. --encoding latin-1") from None
     except LookupError:
-        raise PenwrightError(f"unknown encoding {encoding!r}: use a Python codec name such as utf-8 or latin-1") from None
+        raise PenwrightError(f"unknown encoding {encoding!r}: use a Python codec name such as utf-8 "
+                             "or latin-1") from None
     return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 

@@ -163,8 +163,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: b
     Every rank must call this: under FSDP it gathers the shards. The optimizer state is keyed by
     parameter name, not position, which is what lets `load_optimizer` reshard it for any world size.
     """
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options) if fsdp and dist.is_initialized() else None

@@ -59,8 +59,11 @@ class Writer:
         cfg = SampleConfig(**settings)
         return [s.text for s in self.samples([prompt], cfg)]
 
-    def samples(self, prompts: list[str | None], cfg: SampleConfig) -> list[Sample]:
-        """`cfg.num_samples` samples for each prompt, `cfg.batch_size` at a time, in prompt order."""
+    def samples(self, prompts: list[str | None], cfg: SampleConfig, abandoned=lambda: False) -> list[Sample]:
+        """`cfg.num_samples` samples for each prompt, `cfg.batch_size` at a time, in prompt order.
+
+        `abandoned()`, asked after every token, ends the writing early when nobody waits for it any more.
+        """
         jobs = [p for p in prompts for _ in range(cfg.num_samples)]
         generator = self._generator(cfg.seed)
         out = []
@@ -70,6 +73,8 @@ class Writer:
             new = [[] for _ in batch]
             reasons = ["length"] * len(batch)
             for step in self._decode(list(ids), replace(cfg, max_new_tokens=min(budget)), generator):
+                if abandoned():
+                    break
                 for i, token in step.items():
                     if token is None:
                         reasons[i] = "stop"

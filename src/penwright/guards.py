@@ -82,4 +82,5 @@ def memory_hint(cfg: TrainConfig):
         smaller = (f"e.g. --batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2}" if cfg.batch_size > 1
                    else "or a smaller --block-size or model")
         raise PenwrightError(f"out of memory with --batch-size {cfg.batch_size} and --block-size {cfg.block_size}: "
-                             f"use a smaller batch with more accumulation ({smaller}); continue with --resume") from None
+                             f"use a smaller batch with more accumulation ({smaller}); "
+                             "continue with --resume") from None

@@ -117,12 +117,14 @@ class RunDir:
             f"A causal language model fine-tuned with penwright on `{cfg.data}`.", "",
             "## Data", "",
             f"{stats.get('documents')} documents, {stats.get('characters')} characters, "
-            f"{stats.get('train_tokens')} training and {stats.get('val_tokens')} validation tokens. Labels: {labels}.", "",
+            f"{stats.get('train_tokens')} training and {stats.get('val_tokens')} validation tokens. "
+            f"Labels: {labels}.", "",
             "## Results", "", "| metric | value |", "| --- | --- |", rows, "",
             "## Training settings", "", "```json", json.dumps(settings, indent=2, default=str), "```", "",
             "## Samples", "", *[f"> {s.strip()}\n" for s in samples], "",
             "## Use", "", "```python", "from transformers import pipeline",
-            f"writer = pipeline('text-generation', model='{self.path}')", "print(writer('Once upon a time')[0]['generated_text'])",
+            f"writer = pipeline('text-generation', model='{self.path}')",
+            "print(writer('Once upon a time')[0]['generated_text'])",
             "```", "",
         ])
         files.write_text(self.path / "README.md", text)

@@ -248,7 +248,8 @@ def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log)
         counts = {}
         has_mask = any(d.prompt is not None for d in corpus.train + corpus.val)
         for split, docs in (("train", corpus.train), ("val", corpus.val)):
-            tokens, mask = encode_documents(tokenizer, docs, cfg.label_column, has_mask) if docs else (np.zeros(0), None)
+            empty = (np.zeros(0), None)
+            tokens, mask = encode_documents(tokenizer, docs, cfg.label_column, has_mask) if docs else empty
             counts[split] = len(tokens)
             tokens.astype(dtype).tofile(tmp / f"{split}.bin")
             if mask is not None:

@@ -14,10 +14,11 @@ import json
 import secrets
 import time
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
@@ -30,6 +31,7 @@ from .worker import Job, Worker
 
 STATIC = Path(__file__).parent / "static"
 MAX_SAMPLES = 64  # prompts x n in one request; more is a denial of service, not a use
+DISCONNECT_POLL_S = 0.25  # how often a plain request's wait looks for a client that left
 
 
 class ApiError(Exception):
@@ -59,44 +61,38 @@ def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
     return {name: load(path, cfg.precision, cfg.device, log=log, engine="hf") for name, path in cfg.models().items()}
 
 
-def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=print) -> FastAPI:
-    writers = load_writers(cfg, log) if writers is None else writers
-    workers = {name: Worker(name, writer, cfg.batch_size) for name, writer in writers.items()}
-    started = int(time.time())
+class Server:
+    """What the API does, one method per concern: authorize, parse a body, check its settings, run it
+    and reply in OpenAI's shape. `create_app` binds the routes to these methods."""
 
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        for worker in workers.values():
+    def __init__(self, cfg: ServeConfig, writers: dict[str, Writer]):
+        self.cfg, self.writers = cfg, writers
+        self.workers = {name: Worker(name, writer, cfg.batch_size) for name, writer in writers.items()}
+        self.started = int(time.time())
+
+    def close(self) -> None:
+        for worker in self.workers.values():
             worker.close()
 
-    app = FastAPI(title="penwright", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-
-    async def error_reply(request, e: Exception) -> JSONResponse:
-        error = as_api_error(e)
-        return JSONResponse(error.body(), status_code=error.status)
-
-    for kind in (ApiError, PenwrightError, HTTPException, Exception):
-        app.add_exception_handler(kind, error_reply)
-
-    async def authorize(request: Request) -> None:
-        if cfg.api_key is None:
+    async def authorize(self, request: Request) -> None:
+        if self.cfg.api_key is None:
             return
         given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {cfg.api_key}".encode()):  # constant time
+        if not hmac.compare_digest(given, f"Bearer {self.cfg.api_key}".encode()):  # constant time
             raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'",
                            code="invalid_api_key")
 
-    async def parse(request: Request, schema: type[Sampling]) -> Sampling:
+    async def parse(self, request: Request, schema: type[Sampling]) -> Sampling:
         """The JSON body as `schema`, refusing bodies over --max-body-bytes before reading them all."""
-        too_big = ApiError(413, f"the request body is larger than {cfg.max_body_bytes} bytes (--max-body-bytes)")
+        limit = self.cfg.max_body_bytes
+        too_big = ApiError(413, f"the request body is larger than {limit} bytes (--max-body-bytes)")
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > cfg.max_body_bytes:
+        if declared.isdigit() and int(declared) > limit:
             raise too_big
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
-            if len(body) > cfg.max_body_bytes:
+            if len(body) > limit:
                 raise too_big
         try:
             data = json.loads(body)
@@ -109,20 +105,20 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
             param = ".".join(map(str, first["loc"])) or None
             raise ApiError(400, f"{param or 'the request body'}: {first['msg']}", param=param) from None
 
-    def pick(name: str | None) -> tuple[str, Writer]:
-        if name is None and len(writers) == 1:
-            name = next(iter(writers))
-        if name not in writers:
-            known = ", ".join(writers)
+    def pick(self, name: str | None) -> tuple[str, Writer]:
+        if name is None and len(self.writers) == 1:
+            name = next(iter(self.writers))
+        if name not in self.writers:
+            known = ", ".join(self.writers)
             if name is None:
                 raise ApiError(400, f"model is required: one of {known}", param="model")
             raise ApiError(404, f"the model {name!r} does not exist; this server has: {known}",
                            param="model", code="model_not_found")
-        return name, writers[name]
+        return name, self.writers[name]
 
-    def settings(request: Sampling, writer: Writer, prompts: list[str | None]) -> SampleConfig:
+    def settings(self, request: Sampling, writer: Writer, prompts: list[str | None]) -> SampleConfig:
         """Check the request against the server's limits and return its sampling settings."""
-        sampling = request.sampling(cfg.batch_size)
+        cfg, sampling = self.cfg, request.sampling(self.cfg.batch_size)
         if sampling.max_new_tokens > cfg.max_tokens_cap:
             raise ApiError(400, f"max_tokens is {sampling.max_new_tokens}; this server writes at most "
                                 f"{cfg.max_tokens_cap} (--max-tokens-cap)", param="max_tokens")
@@ -138,15 +134,31 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
                                param="prompt", code="context_length_exceeded")
         return sampling
 
-    async def events(job: Job, deadline: float):
-        """The job's events until it finishes; leaving early (client gone, timeout) cancels it."""
+    def chat_prompt(self, name: str, writer: Writer, body: ChatRequest) -> str:
+        """The conversation rendered with the model's own chat template, ready for the reply."""
+        if not writer.tokenizer.chat_template:
+            raise ApiError(400, f"the model {name!r} has no chat template, so it cannot chat; "
+                                "use /v1/completions with a prompt instead", param="model", code="chat_not_supported")
+        try:
+            return writer.tokenizer.apply_chat_template([m.model_dump() for m in body.messages],
+                                                        tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 (a template may refuse these messages, e.g. roles out of order)
+            raise ApiError(400, f"messages: the model's chat template refused them ({e})", param="messages") from None
+
+    async def events(self, job: Job, deadline: float, request: Request | None = None):
+        """The job's events until it finishes; leaving early (timeout, or `request`'s client gone) cancels it."""
         try:
             while True:
-                try:
-                    event = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ApiError(504, f"the request took longer than {self.cfg.timeout:g} s (--timeout)",
+                                   code="timeout", kind="timeout")
+                try:  # wake up now and then to notice a client that left
+                    event = await asyncio.wait_for(job.events.get(), min(left, DISCONNECT_POLL_S))
                 except TimeoutError:
-                    raise ApiError(504, f"the request took longer than {cfg.timeout:g} s (--timeout)",
-                                   code="timeout", kind="timeout") from None
+                    if request is not None and await request.is_disconnected():
+                        return
+                    continue
                 if event[0] == "error":
                     raise event[1]
                 yield event
@@ -155,102 +167,122 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
         finally:
             job.cancelled = True
 
-    async def answer(request: Sampling, name: str, writer: Writer, prompts: list[str | None],
+    async def answer(self, request: Request, body: Sampling, name: str, writer: Writer, prompts: list[str | None],
                      chat: bool, echo: bool = False):
         """Run a checked request and reply in OpenAI's shape, whole or as server-sent events."""
-        sampling = settings(request, writer, prompts)
-        deadline = time.monotonic() + cfg.timeout
-        job = workers[name].submit(prompts, sampling, request.stream)
-        head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12), "created": int(time.time()),
-                "model": name}
-        shown = [(p or "") if echo else "" for p in prompts for _ in range(sampling.num_samples)]
-        prompt_tokens = sum(count_tokens(writer, p) for p in prompts)
-
-        def usage(completion_tokens: int) -> dict:
-            return {"usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                              "total_tokens": prompt_tokens + completion_tokens}}
-
-        if not request.stream:
-            samples = [event[1] async for event in events(job, deadline)][0]
-            return {**head, "object": "chat.completion" if chat else "text_completion",
-                    "choices": [choice(chat, i, shown[i] + s.text, s.finish_reason) for i, s in enumerate(samples)],
-                    **usage(sum(s.new_tokens for s in samples))}
-
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def sse(body: dict) -> str:
-            return f"data: {json.dumps(body)}\n\n"
-
-        def chunk(index: int, text: str, reason: str | None = None, start: bool = False) -> str:
-            return sse({**head, "object": kind, "choices": [choice(chat, index, text, reason, True, start)]})
-
-        async def stream():
-            written = 0
-            try:
-                for index, text in enumerate(shown):
-                    if chat or text:
-                        yield chunk(index, text, start=True)
-                async for event in events(job, deadline):
-                    if event[0] == "text":
-                        yield chunk(event[1], event[2])
-                    elif event[0] == "end":
-                        written += event[2].new_tokens
-                        yield chunk(event[1], "", event[2].finish_reason)
-                if request.stream_options.include_usage:  # OpenAI's way to count a stream's tokens
-                    yield sse({**head, "object": kind, "choices": [], **usage(written)})
-            except Exception as e:  # noqa: BLE001 (the status line is sent: report it in the stream)
-                yield sse(as_api_error(e).body())
-            finally:
-                job.cancelled = True  # also when the client hung up while we were sending
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
+        sampling = self.settings(body, writer, prompts)
+        reply = Reply(chat, name, [(p or "") if echo else "" for p in prompts for _ in range(sampling.num_samples)],
+                      sum(count_tokens(writer, p) for p in prompts))
+        deadline = time.monotonic() + self.cfg.timeout
+        job = self.workers[name].submit(prompts, sampling, body.stream)
+        if not body.stream:
+            samples = [event[1] async for event in self.events(job, deadline, request)]
+            if not samples:  # the client left: nobody reads the answer
+                return Response(status_code=499)
+            return reply.whole(samples[0])
+        return StreamingResponse(reply.stream(self.events(job, deadline), job, body.stream_options.include_usage),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
-
-    @v1.get("/models")
-    async def models():
+    def models(self) -> dict:
         return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": started, "owned_by": "penwright",
+            {"id": name, "object": "model", "created": self.started, "owned_by": "penwright",
              "labels": sorted(writer.labels), "chat": bool(writer.tokenizer.chat_template),
-             "context_length": writer.context} for name, writer in writers.items()]}
+             "context_length": writer.context} for name, writer in self.writers.items()]}
+
+    def health(self) -> dict:
+        return {"status": "ok", "models": {name: {"queued": w.queued, "streaming": len(w.flows)}
+                                           for name, w in self.workers.items()},
+                "auth": self.cfg.api_key is not None,
+                "limits": {"max_tokens_cap": self.cfg.max_tokens_cap, "max_prompt_tokens": self.cfg.max_prompt_tokens}}
+
+
+@dataclass
+class Reply:
+    """One request's answer in OpenAI's shape: a whole body, or server-sent events."""
+
+    chat: bool
+    model: str
+    shown: list[str]  # what each choice starts with: its prompt (echo) or nothing
+    prompt_tokens: int
+    id: str = field(default_factory=lambda: secrets.token_hex(12))
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def head(self) -> dict:
+        return {"id": ("chatcmpl-" if self.chat else "cmpl-") + self.id, "created": self.created, "model": self.model}
+
+    def usage(self, completion_tokens: int) -> dict:
+        return {"usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": self.prompt_tokens + completion_tokens}}
+
+    def whole(self, samples) -> dict:
+        return {**self.head, "object": "chat.completion" if self.chat else "text_completion",
+                "choices": [choice(self.chat, i, self.shown[i] + s.text, s.finish_reason)
+                            for i, s in enumerate(samples)],
+                **self.usage(sum(s.new_tokens for s in samples))}
+
+    def sse(self, choices: list[dict], **extra) -> str:
+        kind = "chat.completion.chunk" if self.chat else "text_completion"
+        return f"data: {json.dumps({**self.head, 'object': kind, 'choices': choices, **extra})}\n\n"
+
+    async def stream(self, events, job: Job, include_usage: bool):
+        written = 0
+        try:
+            for index, text in enumerate(self.shown):
+                if self.chat or text:
+                    yield self.sse([choice(self.chat, index, text, None, True, True)])
+            async for event in events:
+                if event[0] == "text":
+                    yield self.sse([choice(self.chat, event[1], event[2], None, True)])
+                elif event[0] == "end":
+                    written += event[2].new_tokens
+                    yield self.sse([choice(self.chat, event[1], "", event[2].finish_reason, True)])
+            if include_usage:  # OpenAI's way to count a stream's tokens
+                yield self.sse([], **self.usage(written))
+        except Exception as e:  # noqa: BLE001 (the status line is sent: report it in the stream)
+            yield f"data: {json.dumps(as_api_error(e).body())}\n\n"
+        finally:
+            job.cancelled = True  # also when the client hung up while we were sending
+        yield "data: [DONE]\n\n"
+
+
+def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=print) -> FastAPI:
+    server = Server(cfg, load_writers(cfg, log) if writers is None else writers)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        server.close()
+
+    app = FastAPI(title="penwright", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    for kind in (ApiError, PenwrightError, HTTPException, Exception):
+        app.add_exception_handler(kind, error_reply)
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)])
 
     @v1.post("/completions")
     async def completions(request: Request):
-        body = await parse(request, CompletionRequest)
-        name, writer = pick(body.model)
-        return await answer(body, name, writer, body.prompts(), chat=False, echo=body.echo)
+        body = await server.parse(request, CompletionRequest)
+        name, writer = server.pick(body.model)
+        return await server.answer(request, body, name, writer, body.prompts(), chat=False, echo=body.echo)
 
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
-        body = await parse(request, ChatRequest)
-        name, writer = pick(body.model)
-        if not writer.tokenizer.chat_template:
-            raise ApiError(400, f"the model {name!r} has no chat template, so it cannot chat; "
-                                "use /v1/completions with a prompt instead", param="model", code="chat_not_supported")
-        try:
-            prompt = writer.tokenizer.apply_chat_template([m.model_dump() for m in body.messages],
-                                                          tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 (a template may refuse these messages, e.g. roles out of order)
-            raise ApiError(400, f"messages: the model's chat template refused them ({e})", param="messages") from None
-        return await answer(body, name, writer, [prompt], chat=True)
+        body = await server.parse(request, ChatRequest)
+        name, writer = server.pick(body.model)
+        return await server.answer(request, body, name, writer, [server.chat_prompt(name, writer, body)], chat=True)
 
+    v1.add_api_route("/models", server.models, methods=["GET"])
     app.include_router(v1)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "models": {name: {"queued": w.queued, "streaming": len(w.flows)}
-                                           for name, w in workers.items()},
-                "auth": cfg.api_key is not None,
-                "limits": {"max_tokens_cap": cfg.max_tokens_cap, "max_prompt_tokens": cfg.max_prompt_tokens}}
-
-    @app.get("/", include_in_schema=False)
-    async def page():
-        return FileResponse(STATIC / "index.html")
-
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/", lambda: FileResponse(STATIC / "index.html"), methods=["GET"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+async def error_reply(request, e: Exception) -> JSONResponse:
+    error = as_api_error(e)
+    return JSONResponse(error.body(), status_code=error.status)
 
 
 def choice(chat: bool, index: int, text: str, reason: str | None, delta: bool = False, start: bool = False) -> dict:

@@ -148,7 +148,8 @@ class Worker:
             return batch
 
     def _write(self, batch: list[Job]) -> None:
-        samples = self.writer.samples([p for job in batch for p in job.prompts], batch[0].cfg)
+        samples = self.writer.samples([p for job in batch for p in job.prompts], batch[0].cfg,
+                                      abandoned=lambda: all(job.cancelled for job in batch))
         for job in batch:
             job.send("samples", samples[:job.rows])
             samples = samples[job.rows:]
