@@ -57,7 +57,8 @@ def run(mode: str, base: Path, data: Path, folder: Path, args) -> dict:
     argv = [sys.executable, "-m", "penwright", "train", "--data", str(data), "--model", str(base), "--out", str(out),
             "--block-size", str(args.block_size), "--batch-size", str(args.batch_size), "--max-steps", str(args.steps),
             "--log-every", "1", "--eval-every", "0", "--eval-batches", "1", "--sample-every", "0",
-            "--sample-length", "8", "--save-every", "0", "--val-fraction", "0.01", "--precision", "fp32", "--cache-dir", str(folder / "cache")]
+            "--sample-length", "8", "--save-every", "0", "--val-fraction", "0.01", "--precision", "fp32",
+            "--cache-dir", str(folder / "cache")]
     if data.suffix == ".csv":  # the built-in sample
         argv += ["--text-column", "synopsis"]
     if mode == "lora":
@@ -69,7 +70,8 @@ def run(mode: str, base: Path, data: Path, folder: Path, args) -> dict:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # the first step warms up
     saved = [p for p in out.iterdir() if p.suffix == ".safetensors"]
-    return {"peak_rss_mib": round(int(done.stdout.split()[-1]) / 1024), "tokens_per_s": round(statistics.median(speeds)),
+    return {"peak_rss_mib": round(int(done.stdout.split()[-1]) / 1024),
+            "tokens_per_s": round(statistics.median(speeds)),
             "wall_s": round(time.perf_counter() - started, 1), "trainable_params": _trainable(out, mode),
             "saved_weights_mib": round(sum(p.stat().st_size for p in saved) / 2**20, 1),
             "final_loss": records[-1].get("val_loss")}
@@ -104,9 +106,9 @@ def main() -> None:
         results = {mode: run(mode, base, data, folder, args) for mode in ("full", "lora")}
     full, lora = results["full"], results["lora"]
     report = {
-        "what": f"penwright train, GPT-2 {args.preset} shape, vocabulary {vocab}, fp32, batch {args.batch_size} x block {args.block_size}, "
-                f"{args.steps} steps; full fine-tuning vs --lora {args.lora}",
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+        "what": f"penwright train, GPT-2 {args.preset} shape, vocabulary {vocab}, fp32, batch {args.batch_size} "
+                f"x block {args.block_size}, {args.steps} steps; full fine-tuning vs --lora {args.lora}",
+        "machine": {"platform": platform.platform(), "cpu": __import__("penwright.devices").devices.cpu_description(),
                     "cpus": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version(),
                     "torch": __import__("torch").__version__, "peft": __import__("peft").__version__},
         "device": "cpu",
