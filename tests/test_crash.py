@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import tiny_config
-from penwright import PenwrightError, TrainConfig, checkpoint, train, training
+from penwright import PenwrightError, TrainConfig, checkpoint, runs, train, training
 
 quiet = dict(log=lambda *_: None)
 SHORT_SAMPLES = dict(sample_length=8)  # the samples at the end of a run are not under test here
@@ -270,6 +270,25 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, stories_
     with pytest.raises(PenwrightError) as error:
         train(cfg, **quiet)
     assert_kept_previous(str(error.value), Path(cfg.out), step=5)
+
+
+def test_full_disk_while_appending_metrics_is_one_line_and_keeps_the_checkpoint(tmp_path, stories_txt, monkeypatch):
+    appended = []
+
+    def open_on_full_disk(path, mode="r", *args, **kwargs):  # metrics.jsonl fills the disk after step 6
+        if "a" in mode:
+            appended.append(path)
+            if len(appended) > 3:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(runs, "open", open_on_full_disk, raising=False)
+    cfg = tiny_config(stories_txt, tmp_path / "run", max_steps=20, log_every=2, save_every=2)
+    with pytest.raises(PenwrightError, match=r"disk full while appending to \S+metrics.jsonl: free space on that "
+                                             r"disk, then continue with the same command plus --resume; the "
+                                             r"newest checkpoint, step-00000004, is intact"):
+        train(cfg, **quiet)
+    assert checkpoint.verify(checkpoint.latest(Path(cfg.out), **quiet))
 
 
 def test_a_really_full_disk_keeps_the_previous_checkpoint(tmp_path, stories_txt, small_disk):
