@@ -368,7 +368,7 @@ class ExportConfig(Settings):
 
     def check(self):
         _check(self.gguf is not None or self.merge is not None,
-               "nothing to export: pass --gguf runs/NAME (a GGUF file) or --merge runs/NAME (a LoRA run)")
+               "nothing to export: pass --gguf runs/NAME (to write a GGUF file) or --merge runs/NAME (a LoRA run)")
         _check(self.gguf is None or self.merge is None, "give --gguf or --merge, not both")
         _check(self.out is not None, "no output given: pass --out FILE.gguf (with --gguf) or --out DIR (with --merge)")
         if self.gguf is not None:

@@ -157,6 +157,7 @@ def held_out(run: Path, log) -> tuple[list, str]:
 def ollama_modelfile(writer, gguf: Path, name: str) -> str:
     """A Modelfile for `ollama create NAME -f Modelfile`: the file, its chat format, stops and defaults."""
     from .gguf_file import END_OF_TURN, chatml
+    from .tokens import EOS
 
     tokenizer, sampling = writer.tokenizer, SampleConfig()
     lines = [f"# Ollama Modelfile for {name}, written by penwright export.",
@@ -168,7 +169,8 @@ def ollama_modelfile(writer, gguf: Path, name: str) -> str:
                   f"#   ollama run {name} \"{token}Once upon a time\"",
                   f"# Labels: {', '.join(sorted(writer.labels))}"]
     lines += ["", f"FROM ./{gguf.name}"]
-    stops = [tokenizer.eos_token]
+    # <|endoftext|> too where it is not the EOS: SmolLM2's EOS is <|im_end|>
+    stops = [tokenizer.eos_token] + [EOS] * (EOS in tokenizer.get_vocab())
     if chatml(tokenizer):
         lines.append(f'TEMPLATE """{CHATML}"""')
         stops.append(END_OF_TURN)

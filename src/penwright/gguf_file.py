@@ -78,6 +78,7 @@ def write(model, tokenizer, path: Path, quantize: str, context: int, name: str, 
     plan = tensors(model, arch, weight_type, context)
     for t in plan:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.type)
+    writer.add_size_label(gguf.size_label(*writer.get_total_parameter_count()))  # "135M", as the converter
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -157,9 +158,8 @@ def _llama_parameters(writer, config, context: int, rows: int) -> None:
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    if head_dim != config.hidden_size // config.num_attention_heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
 
 
 # --- tensors ----------------------------------------------------------------------------------
@@ -231,6 +231,8 @@ def add_tokenizer(writer, tokenizer, rows: int) -> None:
     writer.add_add_eos_token(False)
     if tokenizer.pad_token_id is not None:
         writer.add_pad_token_id(tokenizer.pad_token_id)
+    if tokenizer.unk_token_id is not None:
+        writer.add_unk_token_id(tokenizer.unk_token_id)
     template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     if template:
         writer.add_chat_template(template)
