@@ -274,8 +274,9 @@ def test_a_file_with_corrupted_tensors_fails_the_check_with_exit_1(tiny_run, tmp
     out = tmp_path / "tiny.gguf"
     assert main(["export", "--gguf", str(tiny_run), "--out", str(out), "--quantize", "q8_0"]) == 1
     captured = capsys.readouterr()
-    error = captured.err.strip().splitlines()[-1]
-    assert error.startswith(f"penwright: error: {out} did not pass the parity check against {tiny_run}: ")
+    assert captured.err.count("penwright: error: ") == 1  # after the log and progress bars, one line
+    error = captured.err.split("penwright: error: ")[1]
+    assert error.startswith(f"{out} did not pass the parity check against {tiny_run}: ") and error.count("\n") == 1
     assert "greedy tokens differ" in error and "the file is kept" in error
     assert captured.out.strip().splitlines()[-1].startswith("did not pass: ")
     assert out.is_file()
