@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import shutil
@@ -151,13 +152,54 @@ def tiny_base(tmp_path_factory, stories_txt) -> Path:
     return path
 
 
+class FillsUp:
+    """A file with room for `room` more bytes, then the error a full disk gives."""
+
+    def __init__(self, file, room: int):
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        if len(data) > self.room:
+            self.file.write(bytes(data[:self.room]))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str):
+    """A real tmpfs of `size` (like "24m") at `mount`, for full-disk tests; skips the test without root."""
+    mount.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)]
+    if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(command, capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def one_error_line(capsys, *argv) -> str:
+    """Run the CLI in this process; it must exit 2 with exactly one line on stderr, which is returned."""
+    from penwright.cli import main
+
+    assert main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("penwright: error: "), err
+    return err[0]
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 24 MiB tmpfs: room for two tiny checkpoints, not three (needs root; skipped otherwise)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or not shutil.which("mount") or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("mounting a small tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    with tmpfs(tmp_path / "disk", "24m") as mount:
+        yield mount

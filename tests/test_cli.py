@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import one_error_line
 from penwright.cli import main
 
 
@@ -14,13 +15,6 @@ def run_cli(*args, stdin=None):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run([sys.executable, "-m", "penwright", *map(str, args)], capture_output=True, text=True,
                           input=stdin, env=env, timeout=300)
-
-
-def one_error_line(capsys, *argv) -> str:
-    assert main(list(map(str, argv))) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("penwright: error: "), err
-    return err[0]
 
 
 @pytest.mark.parametrize("argv, expected", [

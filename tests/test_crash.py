@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_config
+from conftest import FillsUp, tiny_config
 from penwright import PenwrightError, TrainConfig, checkpoint, runs, train, training
 
 quiet = dict(log=lambda *_: None)
@@ -225,29 +225,6 @@ def test_a_damaged_checkpoint_is_skipped_and_resume_uses_the_previous_one(tmp_pa
 
 
 # --- a full disk -----------------------------------------------------------------------------------
-
-class FillsUp:
-    """A file with room for `room` more bytes, then the error a full disk gives."""
-
-    def __init__(self, file, room: int):
-        self.file, self.room = file, room
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            self.file.write(bytes(data[:self.room]))
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.room -= len(data)
-        return self.file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.file, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.file.close()
-
 
 def assert_kept_previous(error: str, out: Path, step: int) -> None:
     assert re.search(rf"disk full while saving checkpoint \S+step-\d+: free space .* --resume; "

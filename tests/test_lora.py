@@ -93,3 +93,21 @@ def test_export_refuses_what_it_cannot_merge(tmp_path, tiny_base, capsys):
 ])
 def test_parse(text, spec):
     assert parse_lora(text) == spec
+
+
+def test_a_lora_run_exports_to_gguf_with_its_adapter_merged(lora_run, tiny_base, tmp_path):
+    import gguf
+
+    from penwright.config import ExportConfig
+    from penwright.export import export
+    from penwright.lora import merged
+    from penwright.tokens import load_tokenizer
+
+    lines, out = [], tmp_path / "lora.gguf"
+    export(ExportConfig(gguf=str(lora_run), out=str(out), quantize="f32"), report=lines.append, **quiet)
+    assert lines[-1] == "passed", lines
+    stored = next(t for t in gguf.GGUFReader(out).tensors if t.name == "blk.0.attn_qkv.weight").data
+    model = merged(str(lora_run), load_tokenizer(str(lora_run)))
+    assert torch.equal(torch.from_numpy(stored.copy()), model.transformer.h[0].attn.c_attn.weight.T)
+    base = load_file(tiny_base / "model.safetensors")["transformer.h.0.attn.c_attn.weight"].T
+    assert not torch.allclose(torch.from_numpy(stored.copy()), base, atol=1e-4)  # the adapter is in it

@@ -211,10 +211,14 @@ def cmd_serve(cfg: ServeConfig) -> None:
     serve(cfg, log=warn)
 
 
-def cmd_export(cfg: ExportConfig) -> None:
-    from .lora import export_merged
+def cmd_export(cfg: ExportConfig) -> int | None:
+    from .export import ParityError, export
 
-    export_merged(cfg.merge, cfg.out, log=warn)
+    try:
+        export(cfg, log=warn, report=print)
+    except ParityError as e:  # the file is written and kept, but does not write what the run writes
+        print(f"penwright: error: {e}", file=sys.stderr)
+        return 1
 
 
 @dataclass(frozen=True)
@@ -258,8 +262,10 @@ COMMANDS = [
   penwright serve --model runs/book                      # page at http://127.0.0.1:8000/, API at /v1
   penwright serve --model runs/book --model lyrics=runs/lyrics --port 8080
   PENWRIGHT_API_KEY=secret penwright serve --model runs/book --host 0.0.0.0"""),
-    Command("export", ExportConfig, "write a LoRA run's adapter merged into its base model as a plain HF model",
-            cmd_export, """\
+    Command("export", ExportConfig, "write a run as a GGUF file for llama.cpp, Ollama and LM Studio (checked "
+            "against the run), or a LoRA run merged into its base as a plain HF model", cmd_export, """\
+  penwright export --gguf runs/book --out book.gguf                    # f16, then the parity check
+  penwright export --gguf runs/plots --out plots.gguf --quantize q8_0 --ollama   # and an Ollama Modelfile
   penwright export --merge runs/book-lora --out models/book-merged     # a LoRA run as a plain HF model"""),
 ]
 

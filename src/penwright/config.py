@@ -355,14 +355,27 @@ class ServeConfig(Runtime):
 
 @dataclass
 class ExportConfig(Settings):
-    """`penwright export`: turn a run into something else; today, a LoRA run into a plain HF model."""
+    """`penwright export`: a run as a GGUF file (--gguf), or a LoRA run as a plain HF model (--merge)."""
 
+    gguf: str | None = opt(None, "run directory (or checkpoint, or HF model folder) to write as one GGUF file "
+                                 "for llama.cpp, Ollama and LM Studio")
     merge: str | None = opt(None, "LoRA run directory whose adapter to fold into its base model")
-    out: str | None = opt(None, "new folder to write the merged HF model to")
+    out: str | None = opt(None, "the .gguf file to write (--gguf), or a new folder for the merged model (--merge)")
+    quantize: Literal["f32", "f16", "q8_0"] = opt("f16", "GGUF weight type: f32 (exact), f16, or q8_0 (blocks "
+                                                         "of 32 int8 values and a scale, about half of f16)")
+    ollama: bool = opt(False, "also write an Ollama Modelfile beside the GGUF file")
+    no_check: bool = opt(False, "skip the parity check that reads the GGUF file back and compares it with the run")
 
     def check(self):
-        _check(self.merge is not None, "nothing to export: pass --merge runs/NAME (a run trained with --lora)")
-        _check(self.out is not None, "no output folder given: pass --out DIR")
+        _check(self.gguf is not None or self.merge is not None,
+               "nothing to export: pass --gguf runs/NAME (to write a GGUF file) or --merge runs/NAME (a LoRA run)")
+        _check(self.gguf is None or self.merge is None, "give --gguf or --merge, not both")
+        _check(self.out is not None, "no output given: pass --out FILE.gguf (with --gguf) or --out DIR (with --merge)")
+        if self.gguf is not None:
+            _check(self.out.lower().endswith(".gguf"), f"--out {self.out}: name the GGUF file, e.g. model.gguf")
+        else:
+            _check(not (self.ollama or self.no_check or self.quantize != "f16"),
+                   "--quantize, --ollama and --no-check go with --gguf, not --merge")
 
 
 # --- LoRA -------------------------------------------------------------------------------------

@@ -108,6 +108,12 @@ class Writer:
             yield final[sent:]
         return Sample(prompt, final, cfg.label, "stop" if stopped else reason, len(tokens))
 
+    def token_ids(self, prompt: str | None, cfg: SampleConfig) -> tuple[list[int], list[int]]:
+        """The ids fed for `prompt` (EOS, label token, prompt) and the ids written after them, EOS included."""
+        ids, budget = self._prompt_ids(prompt, cfg)
+        steps = self._decode([ids], replace(cfg, max_new_tokens=budget), self._generator(cfg.seed))
+        return ids, [self.tokenizer.eos_token_id if step[0] is None else step[0] for step in steps]
+
     # --- internals --------------------------------------------------------------------------
 
     def _generator(self, seed: int | None) -> torch.Generator:
