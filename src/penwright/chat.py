@@ -158,6 +158,12 @@ class Encoded:
     conversations: list[Conversation]  # the ones that rendered
     unrendered_replies: int  # assistant turns the template did not write out verbatim
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All of them one after another: tokens, mask, and where each starts (then the total length)."""
+        starts = np.concatenate([[0], np.cumsum([len(ids) for ids in self.ids], dtype=np.int64)]).astype(np.int64)
+        return (np.concatenate([np.zeros(0, np.int64), *self.ids]),
+                np.concatenate([np.zeros(0, np.uint8), *self.masks]), starts)
+
 
 def encode(tokenizer, conversations: list[Conversation], train_on: str = "assistant",
            bad: BadRows | None = None) -> Encoded:

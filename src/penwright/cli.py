@@ -113,8 +113,8 @@ def _show(store, cfg: PreviewConfig) -> None:
         console.print(Panel(text, title=f"example {i}", title_align="left"))
     block = cfg.block_size or (default_block_size(cfg.model, cfg.init, cfg.preset, cfg.trust_remote_code)
                                if store.conversations else None)
-    console.print(totals(store, cfg, block))
-    console.print(f"cache: {store.path}")
+    for name, value in [*totals(store, cfg, block), ("cache", str(store.path))]:
+        print(f"{name:>16}: {value}")
 
 
 def cmd_train(cfg: TrainConfig) -> int | None:

@@ -309,6 +309,8 @@ def _rows_to_conversations(file: Path, rows: list[tuple[int, dict]], shape: str,
     conversations = []
     for line, row in rows:
         try:
+            if missing := [column for column in FORMAT_COLUMNS[shape] if column not in row]:
+                raise Malformed(f"no {missing[0]!r}, as --format {shape} needs")
             turns = read(row)
             if not any(turn.role == "assistant" for turn in turns):
                 raise Malformed("no assistant turn, so nothing to learn from it")

@@ -42,33 +42,27 @@ def _bounds(store: TokenStore, tokens: np.ndarray) -> list[tuple[int, int]]:
     return list(zip((ends[:-1] + 1).tolist(), (ends[1:] + 1).tolist()))
 
 
-def totals(store: TokenStore, cfg: PrepareConfig, block_size: int | None = None):
-    """A rich table: examples, turns, tokens, learned tokens and their share, conversations too long for a block."""
-    from rich.table import Table
-
+def totals(store: TokenStore, cfg: PrepareConfig, block_size: int | None = None) -> list[tuple[str, str]]:
+    """(name, value) rows: examples, turns, tokens, learned tokens and their share, conversations too long."""
     stats, mask = store.stats, store.mask("train")
     train = store.manifest["train_tokens"]
     learned = train - 1 if mask is None else int(mask[1:].sum())  # the first token of each is never a target
-    grid = Table(title="what training reads", show_header=False)
-    grid.add_column(justify="right", style="bold")
-    grid.add_column()
     kind = "conversations" if store.conversations else "documents"
-    grid.add_row(kind, f"{stats['documents']:,} ({stats['train_documents']:,} train / {stats['val_documents']:,} "
-                       "validation)")
+    rows = [(kind, f"{stats['documents']:,} ({stats['train_documents']:,} train / {stats['val_documents']:,} "
+                   "validation)")]
     if store.conversations:
-        grid.add_row("turns", f"{stats['turns']:,}")
-    grid.add_row("tokens", f"{stats['tokens']:,} ({train:,} train)")
-    grid.add_row("learned tokens", f"{learned:,} of the training split's {train:,} ({learned / max(1, train):.1%})"
-                 + (f", learning {stats['train_on']}" if store.conversations else ""))
+        rows.append(("turns", f"{stats['turns']:,}"))
+    rows.append(("tokens", f"{stats['tokens']:,} ({train:,} train)"))
+    rows.append(("learned tokens", f"{learned:,} of the training split's {train:,} ({learned / max(1, train):.1%})"
+                 + (f", learning {stats['train_on']}" if store.conversations else "")))
     if store.conversations and block_size:
         packed = Packed(store.tokens("train"), mask, store.starts("train"), block_size, 1, 0, truncate=cfg.truncate)
-        note = too_long_note(packed.too_long, block_size, cfg.truncate) if packed.too_long else "none"
-        grid.add_row(f"longer than {block_size}", note)
-        grid.add_row("blocks", f"{packed.windows:,} of {block_size} tokens, {packed.filled:.0%} filled")
+        rows.append(("too long",
+                     too_long_note(packed.too_long, block_size, cfg.truncate) if packed.too_long else "none"))
+        rows.append(("blocks", f"{packed.windows:,} of {block_size} tokens, {packed.filled:.0%} filled"))
     if stats.get("skipped_rows"):
-        grid.add_row("skipped rows", f"{stats['skipped_rows']:,} malformed (--max-bad-rows)")
+        rows.append(("skipped rows", f"{stats['skipped_rows']:,} malformed (--max-bad-rows)"))
     if stats.get("unrendered_replies"):
-        grid.add_row("not learned", f"{stats['unrendered_replies']:,} replies the chat template does not write "
-                                    "out as they are")
-    return grid
-
+        rows.append(("not learned", f"{stats['unrendered_replies']:,} replies the chat template does not write "
+                                    "out as they are"))
+    return rows

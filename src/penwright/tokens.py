@@ -315,10 +315,7 @@ def encode_conversations(tokenizer, corpus: Corpus, cfg: PrepareConfig) -> tuple
     kept = {}
     for split, conversations in (("train", corpus.train), ("val", corpus.val)):
         encoded = chat.encode(tokenizer, conversations, cfg.train_on, bad)
-        lengths = [len(ids) for ids in encoded.ids]
-        splits[split] = (np.concatenate([np.zeros(0, np.int64), *encoded.ids]),
-                         np.concatenate([np.zeros(0, np.uint8), *encoded.masks]),
-                         np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64))
+        splits[split] = encoded.arrays()
         kept[split], unrendered = encoded.conversations, unrendered + encoded.unrendered_replies
     if not splits["train"][1].any():
         why = (f"; the chat template wrote none of its {unrendered} assistant replies out as they are" if unrendered
