@@ -195,22 +195,33 @@ def _stream(writer, prompt: str | None, sampling) -> str:
     return "".join(pieces)
 
 
-def cmd_interactive(cfg: GenerateConfig) -> None:
+def _typed(prompt: str, hint: str, ctrl_c: str | None = None):
+    """Non-empty lines typed at `prompt` (with line editing where readline exists) until Ctrl+D. `hint`
+    goes to stderr first; with `ctrl_c`, Ctrl+C at the prompt says that instead of quitting."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    writer = _writer(cfg)
-    sampling = cfg.sampling()
-    print("Type a prompt and press Enter; Ctrl+D to quit.", file=sys.stderr)
+    print(hint, file=sys.stderr)
     while True:
         try:
-            prompt = input("prompt> ")
+            line = input(prompt)
         except EOFError:
             print(file=sys.stderr)
             return
-        if not prompt.strip():
+        except KeyboardInterrupt:
+            if ctrl_c is None:
+                raise
+            print(f"\n{ctrl_c}", file=sys.stderr)
             continue
+        if line.strip():
+            yield line
+
+
+def cmd_interactive(cfg: GenerateConfig) -> None:
+    writer = _writer(cfg)
+    sampling = cfg.sampling()
+    for prompt in _typed("prompt> ", "Type a prompt and press Enter; Ctrl+D to quit."):
         for i in range(cfg.num_samples):
             if cfg.num_samples > 1:
                 print(f"===== sample {i + 1} =====")
@@ -219,29 +230,16 @@ def cmd_interactive(cfg: GenerateConfig) -> None:
 
 def cmd_chat(cfg: ChatConfig) -> None:
     """A conversation in the terminal: each reply streams as it is written; Ctrl+C stops it, Ctrl+D quits."""
-    try:
-        import readline  # noqa: F401  (line editing and history for input())
-    except ImportError:
-        pass
     writer = _writer(cfg)
     if not writer.template:
         raise PenwrightError(f"{cfg.model} has no chat template: train it on conversations (messages, ShareGPT or "
                              "Alpaca data), or write with `penwright interactive`")
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
     sampling = cfg.sampling()
-    print("Type a message and press Enter; Ctrl+C stops a reply, Ctrl+D quits.", file=sys.stderr)
-    while True:
-        try:
-            text = input("you> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return
-        except KeyboardInterrupt:
-            print("\n(Ctrl+D quits)", file=sys.stderr)
-            continue
-        if text.strip():
-            messages.append({"role": "user", "content": text})
-            messages.append({"role": "assistant", "content": _reply(writer, messages, sampling)})
+    hint = "Type a message and press Enter; Ctrl+C stops a reply, Ctrl+D quits."
+    for text in _typed("you> ", hint, ctrl_c="(Ctrl+D quits)"):
+        messages.append({"role": "user", "content": text})
+        messages.append({"role": "assistant", "content": _reply(writer, messages, sampling)})
 
 
 def _reply(writer, messages: list[dict], sampling) -> str:

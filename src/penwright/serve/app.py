@@ -57,7 +57,7 @@ def as_api_error(e: Exception) -> ApiError:
 def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
     if not cfg.model:
         raise PenwrightError("no model given: pass --model runs/NAME (repeatable; --model NAME=PATH names it)")
-    # transformers' engine: chat templates and token counts use its tokenizer
+    # transformers' engine: token counts use its tokenizer
     return {name: load(path, cfg.precision, cfg.device, log=log, engine="hf") for name, path in cfg.models().items()}
 
 

@@ -103,30 +103,13 @@ async function send() {
   chat.push({ role: "user", content: text });
   addTurn("user", text);
   const reply = addTurn("assistant", "");
-  running = new AbortController();
-  busy(true);
-  reply.classList.add("writing");
-  say("writing…");
   const { prompt, label, ...body } = request(null);
   const system = $("system").value.trim();
   body.messages = [...(system ? [{ role: "system", content: system }] : []), ...chat];
-  try {
-    const response = await api("/v1/chat/completions", {
-      method: "POST", body: JSON.stringify(body), signal: running.signal,
-    });
-    for await (const event of serverEvents(response)) {
-      if (event.error) throw new Error(event.error.message);
-      reply.textContent += event.choices[0]?.delta?.content ?? "";
-    }
-    say("done");
-  } catch (e) {
-    say(e.name === "AbortError" ? "stopped" : e.message, e.name !== "AbortError");
-  } finally {
-    running = null;
-    busy(false);
-    reply.classList.remove("writing");
-    if (reply.textContent) chat.push({ role: "assistant", content: reply.textContent });
-  }
+  reply.classList.add("writing");
+  await streamText("/v1/chat/completions", body, (c) => (reply.textContent += c.delta?.content ?? ""));
+  reply.classList.remove("writing");
+  if (reply.textContent) chat.push({ role: "assistant", content: reply.textContent });
 }
 
 function addTurn(role, text) {
@@ -153,17 +136,21 @@ async function generate() {
   const continuation = output.querySelector(".continuation");
   output.querySelector(".prompt").textContent = prompt;
   continuation.textContent = "";
+  const settings = request(prompt);
+  await streamText("/v1/completions", settings, (c) => (continuation.textContent += c.text ?? ""));
+  remember(prompt, continuation.textContent, settings);
+}
+
+// POST `body` to `path` as a stream, handing each event's choice to `add`, and say how it ended.
+async function streamText(path, body, add) {
   running = new AbortController();
   busy(true);
   say("writing…");
-  const settings = request(prompt);
   try {
-    const response = await api("/v1/completions", {
-      method: "POST", body: JSON.stringify(settings), signal: running.signal,
-    });
+    const response = await api(path, { method: "POST", body: JSON.stringify(body), signal: running.signal });
     for await (const event of serverEvents(response)) {
       if (event.error) throw new Error(event.error.message);
-      continuation.textContent += event.choices[0].text;
+      add(event.choices[0] ?? {});
     }
     say("done");
   } catch (e) {
@@ -171,7 +158,6 @@ async function generate() {
   } finally {
     running = null;
     busy(false);
-    remember(prompt, continuation.textContent, settings);
   }
 }
 
