@@ -259,3 +259,13 @@ def test_an_unknown_train_on_is_refused_by_the_cli_and_the_library(capsys):
     assert exit.value.code == 2 and "--train-on: invalid choice: 'user'" in capsys.readouterr().err
     with pytest.raises(PenwrightError, match="--train-on must be one of assistant, all, got 'user'"):
         PrepareConfig(train_on="user")
+
+
+def test_lora_is_refused_the_chat_markers_it_could_not_learn(tmp_path, chat_jsonl, tiny_base):
+    from penwright import train
+
+    cfg = tiny_config(chat_jsonl, tmp_path / "run", init="pretrained", model=str(tiny_base), lora="r=4")
+    with pytest.raises(PenwrightError, match=r"--lora cannot learn the chat markers <\|im_start\|>, <\|im_end\|> "
+                                             "that .* lacks"):
+        train(cfg, **quiet)
+    assert not (tmp_path / "run").exists()

@@ -67,8 +67,8 @@ class Packed(Blocks):
     padding), which is how the model is told where one ends.
     """
 
-    def __init__(self, tokens: np.ndarray, mask: np.ndarray, starts: np.ndarray, block_size: int, batch_size: int,
-                 seed: int, rank: int = 0, world: int = 1, truncate: bool = False, pad: int = 0):
+    def __init__(self, tokens: np.ndarray, mask: np.ndarray, starts: np.ndarray, block_size: int,
+                 batch_size: int, seed: int, rank: int = 0, world: int = 1, truncate: bool = False, pad: int = 0):
         self.tokens, self.mask, self.block, self.pad = tokens, mask, block_size, pad
         self.batch, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.starts = starts[:-1]
@@ -81,7 +81,8 @@ class Packed(Blocks):
         self.packs = pack(self.lengths[kept], block_size, kept)
         self.windows = len(self.packs)
         learned = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])  # targets are tokens 1.. of each one
-        self.learned = int((learned[self.starts[kept] + self.lengths[kept]] - learned[self.starts[kept] + 1]).sum())
+        first, end = self.starts[kept], self.starts[kept] + self.lengths[kept]
+        self.learned = int((learned[end] - learned[first + 1]).sum())
         self.filled = float(self.lengths[kept].sum() / max(1, self.windows * block_size))
         self._order = (None, None)
 
@@ -152,7 +153,8 @@ def _packed(store: TokenStore, cfg: TrainConfig, rank: int, world: int, log) -> 
     if blocks.learned == 0:
         why = (f"every conversation is longer than the block of {cfg.block_size} tokens; use --truncate or a "
                "larger --block-size" if kept == 0 else
-               f"the first {cfg.block_size} tokens of the conversations hold no reply; use a larger --block-size")
+               f"the first {cfg.block_size} tokens of the conversations hold no reply; use a larger "
+               "--block-size")
         raise PenwrightError(f"no token would be learned: {why}")
     return _enough(blocks, cfg, world)
 
@@ -175,8 +177,8 @@ class Evaluator:
         if len(tokens) < 2:
             return cls(None, dtype)
         if store.conversations:  # packed as in training
-            packed = Packed(tokens, store.mask("val"), store.starts("val"), block_size, 1, 0, truncate=truncate,
-                            pad=store.manifest["eos_token_id"])
+            packed = Packed(tokens, store.mask("val"), store.starts("val"), block_size, 1, 0,
+                            truncate=truncate, pad=store.manifest["eos_token_id"])
             return cls(packed if packed.windows else None, dtype)
         block = min(block_size, len(tokens) - 1)
         return cls(Blocks(tokens, store.mask("val"), block, 1, 0), dtype)
@@ -202,7 +204,8 @@ class Evaluator:
             x, y, positions = self.blocks.rows(windows[start:start + batch_size])
             positions = None if positions is None else positions.to(device)
             with autocast(device, self.dtype):
-                total += lm_loss(model, x.to(device), y.to(device), reduction="sum", positions=positions).double().cpu()
+                loss = lm_loss(model, x.to(device), y.to(device), reduction="sum", positions=positions)
+            total += loss.double().cpu()
             count += int((y != IGNORE).sum())
         model.train(was_training)
         return total.item() / max(count, 1)

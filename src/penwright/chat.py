@@ -26,7 +26,8 @@ from .errors import PenwrightError
 
 MARKERS = ("<|im_start|>", "<|im_end|>")
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+          "'<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 PROBE = "Probe reply 7f3a"  # an assistant reply rendered to see what the template writes after a reply
 
 
@@ -34,11 +35,15 @@ class RenderError(Exception):
     """The chat template refused or failed on a conversation."""
 
 
-def install(tokenizer) -> None:
-    """Give a tokenizer without a chat template ChatML, its role markers added as special tokens."""
-    if not tokenizer.chat_template:
-        tokenizer.add_tokens([m for m in MARKERS if m not in tokenizer.get_vocab()], special_tokens=True)
-        tokenizer.chat_template = CHATML
+def install(tokenizer) -> list[str]:
+    """Give a tokenizer without a chat template ChatML, its role markers added as special tokens; returns
+    the tokens it added."""
+    if tokenizer.chat_template:
+        return []
+    added = [m for m in MARKERS if m not in tokenizer.get_vocab()]
+    tokenizer.add_tokens(added, special_tokens=True)
+    tokenizer.chat_template = CHATML
+    return added
 
 
 def template_of(tokenizer) -> str:
@@ -83,9 +88,12 @@ def _compiled(template: str):
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
-        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # no HTML escaping
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
     try:
         return env.from_string(template)
@@ -102,7 +110,8 @@ def end_of_turn(tokenizer) -> int | None:
         return None
     after = text.find(PROBE) + len(PROBE)
     encoding = tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
-    special = {i for i, token in tokenizer.backend_tokenizer.get_added_tokens_decoder().items() if token.special}
+    added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+    special = {i for i, token in added.items() if token.special}
     for token, (start, _) in zip(encoding.ids, encoding.offsets):
         if start >= after:
             return token if token in special else None
@@ -137,7 +146,8 @@ def reply_spans(tokenizer, messages: list[dict], text: str) -> tuple[list[tuple[
     return spans, missing
 
 
-def learned(offsets: np.ndarray, ids: np.ndarray, spans: list[tuple[int, int]], eot: int | None) -> np.ndarray:
+def learned(offsets: np.ndarray, ids: np.ndarray, spans: list[tuple[int, int]],
+            eot: int | None) -> np.ndarray:
     """Which tokens lie in (or overlap) a reply's span, plus the end-of-turn token right after each reply."""
     keep = np.zeros(len(ids), np.uint8)
     starts, ends = offsets[:, 0], offsets[:, 1]
@@ -160,7 +170,8 @@ class Encoded:
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All of them one after another: tokens, mask, and where each starts (then the total length)."""
-        starts = np.concatenate([[0], np.cumsum([len(ids) for ids in self.ids], dtype=np.int64)]).astype(np.int64)
+        lengths = [len(ids) for ids in self.ids]
+        starts = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]).astype(np.int64)
         return (np.concatenate([np.zeros(0, np.int64), *self.ids]),
                 np.concatenate([np.zeros(0, np.uint8), *self.masks]), starts)
 

@@ -232,8 +232,8 @@ def cmd_chat(cfg: ChatConfig) -> None:
     """A conversation in the terminal: each reply streams as it is written; Ctrl+C stops it, Ctrl+D quits."""
     writer = _writer(cfg)
     if not writer.template:
-        raise PenwrightError(f"{cfg.model} has no chat template: train it on conversations (messages, ShareGPT or "
-                             "Alpaca data), or write with `penwright interactive`")
+        raise PenwrightError(f"{cfg.model} has no chat template: train it on conversations (messages, ShareGPT "
+                             "or Alpaca data), or write with `penwright interactive`")
     messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
     sampling = cfg.sampling()
     hint = "Type a message and press Enter; Ctrl+C stops a reply, Ctrl+D quits."
@@ -264,7 +264,7 @@ def _reply(writer, messages: list[dict], sampling) -> str:
 
 
 def _drop_oldest(messages: list[dict]) -> bool:
-    """Forget the oldest exchange (a user turn and the reply to it), keeping the system prompt and the last."""
+    """Forget the oldest exchange (a user turn and its reply), keeping the system prompt and the last turn."""
     first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     if len(messages) - first <= 1:
         return False
@@ -306,10 +306,11 @@ class Command:
 
 
 COMMANDS = [
-    Command("prepare", PreviewConfig, "tokenize a corpus into the cache and print its statistics", cmd_prepare, """\
+    Command("prepare", PreviewConfig, "tokenize a corpus into the cache and print its statistics", cmd_prepare,
+            """\
   penwright prepare --data book.txt --model gpt2
   penwright prepare --data plots.csv --text-column plot --label-column genre --model gpt2
-  penwright prepare --data chats.jsonl --model SmolLM2-135M-Instruct.Q4_1.gguf --show 3   # what is learned"""),
+  penwright prepare --data chats.jsonl --model SmolLM2.gguf --show 3     # conversations: what is learned"""),
     Command("train", TrainConfig, "fine-tune a model (or train one from scratch) on a corpus", cmd_train, """\
   penwright train --data book.txt --model gpt2 --out runs/book --max-steps 2000
   penwright train --data plots.csv --text-column plot --label-column genre --model distilgpt2 --out runs/plots
@@ -317,7 +318,7 @@ COMMANDS = [
   penwright train --data book.txt --model gpt2 --out runs/book --max-steps 4000 --resume
   penwright train --data book.txt --model gpt2-xl --out runs/book-xl --nproc 4 --batch-size 4     # 4 GPUs, DDP
   penwright train --data book.txt --model gpt2-xl --out runs/book-lora --lora r=16,alpha=32,dropout=0.05
-  penwright train --data chats.jsonl --model SmolLM2-135M-Instruct.Q4_1.gguf --out runs/assistant  # conversations
+  penwright train --data chats.jsonl --model SmolLM2.gguf --out runs/assistant     # the replies learned
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       -m penwright train --data book.txt --model gpt2-xl --out runs/book-xl --fsdp     # see docs/distributed.md"""),
     Command("generate", GenerateConfig, "write samples with a trained model", cmd_generate, """\
@@ -326,7 +327,8 @@ COMMANDS = [
   penwright generate --model runs/book --prompt-file prompts.txt --output samples.jsonl"""),
     Command("interactive", GenerateConfig, "a prompt loop: type a prompt, read the continuation", cmd_interactive, """\
   penwright interactive --model runs/book --temperature 0.7 --top-p 0.9""", ("prompt", "prompt_file", "output")),
-    Command("chat", ChatConfig, "chat with a model that has a chat template, the replies streaming", cmd_chat, """\
+    Command("chat", ChatConfig, "chat with a model that has a chat template, the replies streaming", cmd_chat,
+            """\
   penwright chat --model runs/assistant
   penwright chat --model runs/assistant --system "You answer in one sentence." --temperature 0.7""",
             ("prompt", "prompt_file", "output", "num_samples", "batch_size", "trim_to_sentence", "label")),

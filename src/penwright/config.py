@@ -129,8 +129,8 @@ class DataConfig(Settings):
         "auto", "how to read JSONL/JSON/CSV rows: text (--text-column etc.), or conversations: messages "
                 "(OpenAI's role/content list), sharegpt (conversations of from/value), alpaca (instruction, "
                 "input, output); auto tells them apart by their columns")
-    max_bad_rows: int = opt(0, "malformed rows (bad JSON, unknown role, empty content, no assistant turn) to skip "
-                               "and count before refusing the corpus")
+    max_bad_rows: int = opt(0, "malformed rows (bad JSON, unknown role, empty content, no assistant turn) "
+                               "to skip and count before refusing the corpus")
 
     def check(self):
         _at_least(self, 0, "max_bad_rows")
@@ -150,11 +150,11 @@ class PrepareConfig(DataConfig):
     tokenizer: str | None = opt(None, "tokenizer to use (default: --model's; with --init scratch a new BPE)")
     vocab_size: int = opt(8192, "vocabulary size of a BPE trained with --init scratch and no --tokenizer")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
-    train_on: Literal["assistant", "all"] = opt("assistant", "conversations: learn the assistant's replies (each "
-                                                             "with its end-of-turn token) or every token")
+    train_on: Literal["assistant", "all"] = opt("assistant", "conversations: learn the assistant's replies "
+                                                             "(each with its end-of-turn token) or every token")
     block_size: int | None = opt(None, "tokens per training sequence (default: min(model context, 512))")
-    truncate: bool = opt(False, "conversations: cut one longer than the block to its first --block-size tokens "
-                                "instead of leaving it out")
+    truncate: bool = opt(False, "conversations: cut one longer than the block to its first --block-size "
+                                "tokens instead of leaving it out")
 
     def check(self):
         _check(self.block_size is None or self.block_size >= 8,

@@ -25,7 +25,8 @@ from .errors import PenwrightError
 TEXT_SUFFIXES = (".txt", ".md")
 MIN_DOCS_TO_SPLIT_BY_DOCUMENT = 10
 ROLES = ("system", "user", "assistant")
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ class BadRows:
     def add(self, where: str, reason: str) -> None:
         self.seen += 1
         if self.seen > self.limit:
-            hint = (f"; {self.limit} malformed rows before it were skipped (--max-bad-rows {self.limit})" if self.limit
-                    else "; fix it, or skip such rows with --max-bad-rows N")
+            hint = (f"; {self.limit} malformed rows before it were skipped (--max-bad-rows {self.limit})"
+                    if self.limit else "; fix it, or skip such rows with --max-bad-rows N")
             raise PenwrightError(f"{where}: {reason}{hint}")
 
 
@@ -122,8 +123,8 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     if not train:
         raise PenwrightError(f"{cfg.data}: the corpus is empty (no text found)")
     if len({isinstance(d, Conversation) for d in train + val}) > 1:
-        raise PenwrightError(f"{cfg.data} and {cfg.val_file}: one holds conversations and the other plain text; "
-                             "give both in the same form")
+        raise PenwrightError(f"{cfg.data} and {cfg.val_file}: one holds conversations and the other plain "
+                             "text; give both in the same form")
     labels = Counter(d.label for d in train + val if d.label is not None)
     return Corpus(train, val, files, labels, hasher.hexdigest(), bad.seen)
 
@@ -236,7 +237,8 @@ def _json_rows(file: Path, text: str, bad: BadRows) -> list[tuple[int, dict]]:
         if text.startswith(",", at):
             at = _skip_space(text, at + 1)
         elif not text.startswith("]", at):
-            raise PenwrightError(f"{file}:{text.count(chr(10), 0, at) + 1}: not valid JSON (expected ',' or ']')")
+            line = text.count("\n", 0, at) + 1
+            raise PenwrightError(f"{file}:{line}: not valid JSON (expected ',' or ']')")
     return rows
 
 
@@ -288,11 +290,12 @@ def _require(file: Path, rows: list, seen: set, columns: list[str], hint: str) -
 
 # --- conversations ----------------------------------------------------------------------------
 
-FORMAT_COLUMNS = {"messages": ["messages"], "sharegpt": ["conversations"], "alpaca": ["instruction", "output"]}
+FORMAT_COLUMNS = {"messages": ["messages"], "sharegpt": ["conversations"],
+                  "alpaca": ["instruction", "output"]}  # what each format's rows must hold
 
 
 def row_format(columns: set, cfg: DataConfig) -> str:
-    """`--format`, or for auto the format the columns say: messages, conversations, instruction + output, else text."""
+    """`--format`, or for auto what the columns say: messages, conversations, instruction + output, else text."""
     if cfg.format != "auto":
         return cfg.format
     if cfg.prompt_column is None:
@@ -330,7 +333,7 @@ def _sharegpt(row: dict) -> tuple[Turn, ...]:
 
 
 def _alpaca(row: dict) -> tuple[Turn, ...]:
-    """Alpaca's instruction, with its optional input after a blank line, asked by the user; output answered."""
+    """Alpaca's instruction (and its optional input after a blank line) asked by the user, the output answered."""
     instruction, extra, output = (_text(row.get(key), key) for key in ("instruction", "input", "output"))
     if not instruction.strip() or not output.strip():
         raise Malformed(f"empty {'instruction' if not instruction.strip() else 'output'}")
@@ -386,7 +389,8 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     """
     if val_fraction == 0 or not docs:
         return docs, []
-    if len(docs) >= MIN_DOCS_TO_SPLIT_BY_DOCUMENT or isinstance(docs[0], Conversation):  # never cut a conversation
+    whole = isinstance(docs[0], Conversation)  # a conversation is never cut
+    if len(docs) >= MIN_DOCS_TO_SPLIT_BY_DOCUMENT or whole:
         order = list(range(len(docs)))
         random.Random(0).shuffle(order)
         n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1)

@@ -190,7 +190,8 @@ def reply_perplexity(writer: Writer, conversations: list[Conversation], batch_si
     from .losses import IGNORE, lm_loss
 
     encoded = encode(writer.tokenizer, conversations, "assistant", BadRows(len(conversations)))
-    packed = Packed(*encoded.arrays(), writer.context, 1, 0, truncate=True, pad=writer.tokenizer.pad_token_id or 0)
+    pad = writer.tokenizer.pad_token_id or 0
+    packed = Packed(*encoded.arrays(), writer.context, 1, 0, truncate=True, pad=pad)
     nats, count = torch.zeros((), dtype=torch.float64), 0
     model, was_training = writer.model, writer.model.training
     model.eval()
@@ -204,7 +205,8 @@ def reply_perplexity(writer: Writer, conversations: list[Conversation], batch_si
             count += int((y != IGNORE).sum())
     finally:
         model.train(was_training)
-    size = sum(len(t.content.encode()) for c in encoded.conversations for t in c.turns if t.role == "assistant")
+    replies = [t.content for c in encoded.conversations for t in c.turns if t.role == "assistant"]
+    size = sum(len(reply.encode()) for reply in replies)
     loss = nats.item() / max(count, 1)
     return {"perplexity": math.exp(min(loss, 50)), "bits_per_byte": nats.item() / math.log(2) / max(size, 1),
             "loss": loss, "tokens": count, "bytes": size, "context": writer.context, "stride": None,
@@ -262,7 +264,9 @@ def reply_cases(writer: Writer, conversations: list[Conversation], words: int, l
         except RenderError:
             continue
         cases.append(Case(Chat(prompt), " ".join(conversation.turns[last].content.split()[:words]), None))
-    picked = np.unique(np.linspace(0, len(cases) - 1, min(limit, len(cases))).round().astype(int)) if cases else []
+    if not cases:
+        return []
+    picked = np.unique(np.linspace(0, len(cases) - 1, min(limit, len(cases))).round().astype(int))
     return [cases[i] for i in picked]
 
 
@@ -520,9 +524,9 @@ def _markdown(report: dict, charts: list[str]) -> str:
                                                         "greedy", "max_new_tokens", "num_samples", "seed"))
     chats = any(r["perplexity"].get("scored") for r in report["models"].values())
     lines += ["", "## How these were measured", "",
-              "- **perplexity** and **bits per byte**: of the assistant's replies alone (each with its end-of-turn "
-              "token), each conversation read on its own; the BLEU test writes each last reply, comparing its "
-              "first words." if chats else
+              "- **perplexity** and **bits per byte**: of the assistant's replies alone (each with its "
+              "end-of-turn token), each conversation read on its own; the BLEU test writes each last reply, "
+              "comparing its first words." if chats else
               "- **perplexity** and **bits per byte**: sliding window over the held-out text (stride "
               f"{settings['stride'] or 'half the context'}); only the documents' text is scored, "
               "not labels or prompts.",

@@ -133,8 +133,8 @@ class Writer:
         from .chat import RenderError, render
 
         if not self.template:
-            raise PenwrightError("this model has no chat template: train it on conversations (messages, ShareGPT "
-                                 "or Alpaca data) to chat with it")
+            raise PenwrightError("this model has no chat template: train it on conversations (messages, "
+                                 "ShareGPT or Alpaca data) to chat with it")
         try:
             return Chat(render(self.tokenizer, messages, add_generation_prompt=True))
         except RenderError as e:
@@ -151,7 +151,7 @@ class Writer:
         return generator
 
     def _prompt_ids(self, prompt: str | None, cfg: SampleConfig) -> tuple[list[int], int]:
-        """EOS (how every training document starts), the label's control token, then the prompt; a Chat alone."""
+        """EOS (how every training document starts), the label's token, then the prompt; a Chat alone."""
         head = [] if isinstance(prompt, Chat) else [self.tokenizer.eos_token_id]
         if cfg.label is not None and not head:
             raise PenwrightError("a label does not apply to a chat reply; leave it out")

@@ -73,7 +73,7 @@ def fit_tokenizer(model, tokenizer) -> None:
         from .chat import end_of_turn
 
         turn = end_of_turn(tokenizer)
-        if turn not in (None, tokenizer.eos_token_id):  # transformers' generate then stops at the end of a turn too
+        if turn not in (None, tokenizer.eos_token_id):  # transformers' generate stops at the end of a turn too
             model.generation_config.eos_token_id = [tokenizer.eos_token_id, turn]
 
 

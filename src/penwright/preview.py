@@ -53,16 +53,17 @@ def totals(store: TokenStore, cfg: PrepareConfig, block_size: int | None = None)
     if store.conversations:
         rows.append(("turns", f"{stats['turns']:,}"))
     rows.append(("tokens", f"{stats['tokens']:,} ({train:,} train)"))
-    rows.append(("learned tokens", f"{learned:,} of the training split's {train:,} ({learned / max(1, train):.1%})"
-                 + (f", learning {stats['train_on']}" if store.conversations else "")))
+    share = f"{learned:,} of the training split's {train:,} ({learned / max(1, train):.1%})"
+    rows.append(("learned tokens", share + (f", learning {stats['train_on']}" if store.conversations else "")))
     if store.conversations and block_size:
-        packed = Packed(store.tokens("train"), mask, store.starts("train"), block_size, 1, 0, truncate=cfg.truncate)
+        packed = Packed(store.tokens("train"), mask, store.starts("train"), block_size, 1, 0,
+                        truncate=cfg.truncate)
         rows.append(("too long",
                      too_long_note(packed.too_long, block_size, cfg.truncate) if packed.too_long else "none"))
         rows.append(("blocks", f"{packed.windows:,} of {block_size} tokens, {packed.filled:.0%} filled"))
     if stats.get("skipped_rows"):
         rows.append(("skipped rows", f"{stats['skipped_rows']:,} malformed (--max-bad-rows)"))
     if stats.get("unrendered_replies"):
-        rows.append(("not learned", f"{stats['unrendered_replies']:,} replies the chat template does not write "
-                                    "out as they are"))
+        rows.append(("not learned", f"{stats['unrendered_replies']:,} replies the chat template does not "
+                                    "write out as they are"))
     return rows

@@ -82,7 +82,8 @@ class TextTokenizer:
         if self.eos_token_id is None:
             raise PenwrightError(f"{path}: the tokenizer has no end-of-text token {self.eos_token!r}")
         self.pad_token_id = self.backend_tokenizer.token_to_id(_token_text(settings.get("pad_token")) or self.eos_token)
-        self.special_tokens_map = {name: _token_text(settings[name]) for name in SPECIAL_TOKENS if settings.get(name)}
+        self.special_tokens_map = {name: _token_text(settings[name]) for name in SPECIAL_TOKENS
+                                   if settings.get(name)}
         self.chat_template = _chat_template(path, settings)
 
     def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False):
@@ -107,7 +108,7 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 
 
 def _chat_template(path: Path, settings: dict) -> str | None:
-    """The template transformers would read: chat_template.jinja, else tokenizer_config.json's (or its default)."""
+    """The template transformers reads: chat_template.jinja, else tokenizer_config.json's (or its default)."""
     try:
         return (path / "chat_template.jinja").read_text()
     except OSError:
@@ -261,7 +262,8 @@ def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
     else:
         tokenizer_id = f"trained-bpe-{cfg.vocab_size}"
     options = {k: getattr(cfg, k) for k in ("text_column", "label_column", "prompt_column", "completion_column",
-                                            "line_by_line", "val_fraction", "encoding", "format", "max_bad_rows")}
+                                            "line_by_line", "val_fraction", "encoding", "format",
+                                            "max_bad_rows")}
     if corpus.conversations:  # how a conversation is rendered and learned
         options.update(train_on=cfg.train_on, template=chat.template_of(base) if base else chat.CHATML)
     key = hashlib.sha256(json.dumps([FORMAT_VERSION, corpus.fingerprint, options, bool(cfg.val_file), tokenizer_id],
@@ -276,8 +278,8 @@ def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
 
 def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log) -> TokenStore:
     add_control_tokens(tokenizer, [control_token(cfg.label_column, v) for v in sorted(corpus.labels)])
+    added = chat.install(tokenizer) if corpus.conversations else []  # new tokens the model must learn
     if corpus.conversations:
-        chat.install(tokenizer)
         splits, stats = encode_conversations(tokenizer, corpus, cfg)
     else:
         has_mask = any(d.prompt is not None for d in corpus.train + corpus.val)
@@ -300,7 +302,7 @@ def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log)
         stats = {**stats, "tokens": counts["train"] + counts["val"],
                  "train_tokens": counts["train"], "val_tokens": counts["val"], "vocab_size": len(tokenizer)}
         manifest = {"version": FORMAT_VERSION, "dtype": dtype, "has_mask": splits["train"][1] is not None,
-                    "conversations": corpus.conversations, "stats": stats,
+                    "conversations": corpus.conversations, "chat_tokens_added": added, "stats": stats,
                     "label_column": cfg.label_column, "eos_token_id": tokenizer.eos_token_id,
                     "train_tokens": counts["train"], "val_tokens": counts["val"],
                     "data": str(cfg.data), "val_file": cfg.val_file}
@@ -310,7 +312,7 @@ def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log)
 
 
 def encode_conversations(tokenizer, corpus: Corpus, cfg: PrepareConfig) -> tuple[dict, dict]:
-    """Each split's (tokens, mask, starts) and the corpus statistics; refuses a corpus with nothing to learn."""
+    """Each split's (tokens, mask, starts) and the corpus statistics; refuses a corpus with nothing learned."""
     bad, splits, unrendered = BadRows(cfg.max_bad_rows, corpus.skipped), {}, 0
     kept = {}
     for split, conversations in (("train", corpus.train), ("val", corpus.val)):
@@ -318,8 +320,8 @@ def encode_conversations(tokenizer, corpus: Corpus, cfg: PrepareConfig) -> tuple
         splits[split] = encoded.arrays()
         kept[split], unrendered = encoded.conversations, unrendered + encoded.unrendered_replies
     if not splits["train"][1].any():
-        why = (f"; the chat template wrote none of its {unrendered} assistant replies out as they are" if unrendered
-               else "")
+        why = (f"; the chat template wrote none of its {unrendered} assistant replies out as they are"
+               if unrendered else "")
         raise PenwrightError(f"{cfg.data}: no token of the training split would be learned{why}; "
                              "check the corpus with `penwright prepare --show 3`")
     done = Corpus(kept["train"], kept["val"], corpus.files, corpus.labels, corpus.fingerprint, bad.seen)

@@ -159,12 +159,16 @@ def setup(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log=
         keep_freed_memory()
     dtype = pick_dtype(cfg.precision, device)
     tokenizer = store.tokenizer()
+    if cfg.lora and store.manifest.get("chat_tokens_added"):
+        raise PenwrightError(f"--lora cannot learn the chat markers {', '.join(store.manifest['chat_tokens_added'])} "
+                             f"that {cfg.model} lacks (it has no chat template of its own): train every weight, "
+                             "or adapt a chat model")
     model = build_model(cfg, tokenizer, device, resume_from)
     settings, cfg = cfg, replace(cfg, block_size=_block_size(cfg, model))
     blocks = training_blocks(store, cfg, ranks.rank, ranks.world, log)
     if store.conversations and not keeps_packed_apart(model):
-        raise PenwrightError(f"{cfg.model}: this model's attention ignores restarting positions, so conversations "
-                             "packed together would read each other; it cannot train on conversations")
+        raise PenwrightError(f"{cfg.model}: this model's attention ignores restarting positions, so "
+                             "conversations packed together would read each other; it cannot train on them")
     if ranks.main:
         run.create()  # only now that data, model and settings are known to be good
     total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks.per_epoch / cfg.grad_accum))
@@ -385,7 +389,8 @@ def _sample_prompt(t: Trainer) -> Chat | None:
     split = "val" if t.store.manifest["val_tokens"] else "train"
     start, end = t.store.starts(split)[:2]
     reply = int(np.argmax(t.store.mask(split)[start:end]))  # the first learned token
-    return Chat(t.tokenizer.decode(t.store.tokens(split)[start:start + reply].tolist(), skip_special_tokens=False))
+    prompt = t.store.tokens(split)[start:start + reply].tolist()
+    return Chat(t.tokenizer.decode(prompt, skip_special_tokens=False))
 
 
 def _sampling(t: Trainer) -> SampleConfig:
