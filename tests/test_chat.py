@@ -174,4 +174,5 @@ def test_smollm2_fine_tuned_on_conversations_learns_their_replies(tmp_path):
                             block_size=128, batch_size=4, max_steps=12, lr=1e-4, eval_every=0, sample_every=0,
                             save_every=0, precision="fp32", seed=1), log=lambda *_: None)
     info = json.loads((run / "penwright.json").read_text())["results"]
+    print(f"held-out reply perplexity: {info['val_ppl_before']:.2f} before, {info['val_ppl']:.2f} after")
     assert info["val_ppl"] < info["val_ppl_before"] * 0.8

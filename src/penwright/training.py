@@ -159,16 +159,11 @@ def setup(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log=
         keep_freed_memory()
     dtype = pick_dtype(cfg.precision, device)
     tokenizer = store.tokenizer()
-    if cfg.lora and store.manifest.get("chat_tokens_added"):
-        raise PenwrightError(f"--lora cannot learn the chat markers {', '.join(store.manifest['chat_tokens_added'])} "
-                             f"that {cfg.model} lacks (it has no chat template of its own): train every weight, "
-                             "or adapt a chat model")
     model = build_model(cfg, tokenizer, device, resume_from)
     settings, cfg = cfg, replace(cfg, block_size=_block_size(cfg, model))
     blocks = training_blocks(store, cfg, ranks.rank, ranks.world, log)
-    if store.conversations and not keeps_packed_apart(model):
-        raise PenwrightError(f"{cfg.model}: this model's attention ignores restarting positions, so "
-                             "conversations packed together would read each other; it cannot train on them")
+    if store.conversations:
+        _check_chat_training(cfg, store, model)
     if ranks.main:
         run.create()  # only now that data, model and settings are known to be good
     total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks.per_epoch / cfg.grad_accum))
@@ -208,6 +203,18 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, resume_from: 
     if cfg.lora:
         model = lora.attach(model, cfg.lora_spec, cfg.model, adapter=resume_from)
     return model
+
+
+def _check_chat_training(cfg: TrainConfig, store: TokenStore, model) -> None:
+    """Refuse what would train conversations wrongly: LoRA with new chat markers it cannot learn, or a model
+    whose attention would let packed conversations read each other."""
+    if cfg.lora and store.manifest.get("chat_tokens_added"):
+        raise PenwrightError(f"--lora cannot learn the chat markers {', '.join(store.manifest['chat_tokens_added'])} "
+                             f"that {cfg.model} lacks (it has no chat template of its own): train every weight, "
+                             "or adapt a chat model")
+    if not keeps_packed_apart(model):
+        raise PenwrightError(f"{cfg.model}: this model's attention ignores restarting positions, so "
+                             "conversations packed together would read each other; it cannot train on them")
 
 
 def _block_size(cfg: TrainConfig, model) -> int:
