@@ -108,6 +108,36 @@ def tiny_run(tmp_path_factory, stories_csv) -> Path:
                  log=lambda *_: None)
 
 
+def chat_rows() -> list[dict]:
+    """OpenAI-style conversations about the sample stories: asked a story's genre, the assistant answers with
+    it in one word; every third has a system prompt, every other a second exchange."""
+    rows = []
+    for i, r in enumerate(sample_rows()):
+        messages = [{"role": "system", "content": "You name genres."}] if i % 3 == 0 else []
+        messages += [{"role": "user", "content": f"Which genre is '{r['title']}'?"},
+                     {"role": "assistant", "content": f"{r['genre']}."}]
+        if i % 2:
+            messages += [{"role": "user", "content": "Once more?"}, {"role": "assistant", "content": f"{r['genre']}."}]
+        rows.append({"messages": messages})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def chat_jsonl(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "chat.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in chat_rows()))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_run(tmp_path_factory, chat_jsonl) -> Path:
+    """A tiny scratch model trained once per session on `chat_jsonl` (ChatML, the replies learned)."""
+    from penwright import train
+
+    out = tmp_path_factory.mktemp("runs") / "tiny-chat"
+    return train(tiny_config(chat_jsonl, out, max_steps=50, lr=3e-3), log=lambda *_: None)
+
+
 @contextlib.contextmanager
 def serving(app):
     """Run an ASGI app with uvicorn on a free loopback port in a background thread; yield its URL."""

@@ -41,6 +41,8 @@ def test_the_wrong_type_from_the_library_or_the_server_is_named():
     (TrainConfig, "attention", "flash", "auto, sdpa"),
     (GenerateConfig, "quantize", "int4", "int8, none"),
     (GenerateConfig, "engine", "vllm", "auto, penwright, hf"),
+    (PrepareConfig, "train_on", "user", "assistant, all"),
+    (PrepareConfig, "format", "csv", "auto, text, messages, sharegpt, alpaca"),
 ])
 def test_a_choice_outside_its_literal_is_refused_by_the_config_and_the_cli(config, field, value, choices):
     extra = {"model": ["runs/x"]} if config is EvalConfig else {}
@@ -72,6 +74,7 @@ def test_device_precision_and_allow_pickle_are_one_shared_piece():
     (dict(val_fraction=1.0), r"--val-fraction must be in \[0, 1\)"),
     (dict(prompt_column="p"), "--prompt-column and --completion-column go together"),
     (dict(vocab_size=100), "--vocab-size must be at least 300"),
+    (dict(max_bad_rows=-1), "--max-bad-rows must be not negative"),
     (dict(lora="r=0"), "need r >= 1"),
     (dict(lora="rank=4"), "expected r=N"),
     (dict(lora="r=four"), "r must be a number"),

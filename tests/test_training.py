@@ -73,7 +73,8 @@ def test_prompt_tokens_carry_no_loss(stories_jsonl):
     store = prepare(tiny_config(stories_jsonl, "unused", prompt_column="prompt", completion_column="completion"),
                     **quiet)
     blocks = Blocks(store.tokens("train"), store.mask("train"), 64, 4, seed=0)
-    x, y = blocks.get(0)
+    x, y, positions = blocks.get(0)
+    assert positions is None  # plain text: 0, 1, ... in every row
     mask = store.mask("train")
     assert (y == IGNORE).any() and (y != IGNORE).any()
     model = torch.nn.Module()
@@ -90,7 +91,7 @@ def test_blocks_are_a_pure_function_of_seed_and_index_and_ranks_split_batches():
     one = Blocks(tokens, None, 10, 4, seed=3)
     halves = [Blocks(tokens, None, 10, 2, seed=3, rank=r, world=2) for r in (0, 1)]
     for i in (0, 5, one.per_epoch + 1):
-        x, y = one.get(i)
+        x, y, _ = one.get(i)
         assert torch.equal(x, Blocks(tokens, None, 10, 4, seed=3).get(i)[0])
         assert torch.equal(x, torch.cat([h.get(i)[0] for h in halves]))
         assert torch.equal(y[:, :-1], x[:, 1:])

@@ -68,3 +68,47 @@ def test_type_generate_watch_it_stream_then_stop(page, page_url):
     assert len(written) > len(first) and greedy["choices"][0]["text"].startswith(written)
     assert page.locator("#history li").count() == 1
     assert page.locator("#history li .prompt").text_content() == PROMPT
+
+
+@pytest.fixture(scope="module")
+def chat_page_url(tiny_run, tiny_chat_run):
+    writers = {"chatty": writer_from(tiny_chat_run), "tiny": writer_from(tiny_run)}
+    with serving(create_app(ServeConfig(), writers)) as url:
+        yield url
+
+
+def test_chat_mode_for_a_model_with_a_template_keeps_the_conversation(page, chat_page_url):
+    url = chat_page_url
+    question = "Which genre is 'Letters to the Lamp Room'?"
+    greedy = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+        "model": "chatty", "temperature": 0, "max_tokens": 16,
+        "messages": [{"role": "system", "content": "You name genres."}, {"role": "user", "content": question}]})
+    answer = greedy.json()["choices"][0]["message"]["content"]
+    sent = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/chat/completions") else None)
+
+    page.goto(url)
+    page.get_by_text("2 models ready").wait_for()
+    page.select_option("#model", "tiny")
+    assert page.locator("#modes").is_hidden()  # no template, no chat
+    page.select_option("#model", "chatty")
+    page.click("#mode-chat")
+    assert page.is_visible("#chat-box") and page.is_hidden("#output") and page.text_content("#generate") == "Send"
+    page.fill("#temperature", "0")
+    page.fill("#max_tokens", "16")
+    page.fill("#system", "You name genres.")
+    page.fill("#prompt", question)
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').textContent === 'done'")
+    turns = page.locator("#transcript li")
+    assert turns.count() == 2 and turns.nth(0).text_content() == question
+    assert turns.nth(1).text_content() == answer and "assistant" in turns.nth(1).get_attribute("class")
+
+    page.fill("#prompt", "Once more?")
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('#transcript li').length === 4 && "
+                           "document.querySelector('#status').textContent === 'done'")
+    assert [m["role"] for m in sent[1]["messages"]] == ["system", "user", "assistant", "user"]
+    assert sent[1]["messages"][2]["content"] == answer and sent[1]["stream"] is True
+    page.click("#new-chat")
+    assert turns.count() == 0

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from .config import EvalConfig, ExportConfig, GenerateConfig, PrepareConfig, ServeConfig, TrainConfig
+from .config import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, PreviewConfig, ServeConfig, TrainConfig
 from .errors import PenwrightError
 
 
@@ -86,15 +86,35 @@ def warn(message: str) -> None:
 
 # --- commands ---------------------------------------------------------------------------------
 
-def cmd_prepare(cfg: PrepareConfig) -> None:
+def cmd_prepare(cfg: PreviewConfig) -> None:
     from .tokens import prepare
 
     store = prepare(cfg, log=warn)
+    if cfg.show:
+        return _show(store, cfg)
     for key, value in store.stats.items():
         if key == "labels":
             value = ", ".join(f"{k} {v}" for k, v in value.items()) or "none"
         print(f"{key.replace('_', ' '):>16}: {value:,}" if isinstance(value, int) else f"{key:>16}: {value}")
     print(f"{'cache':>16}: {store.path}")
+
+
+def _show(store, cfg: PreviewConfig) -> None:
+    """`prepare --show N`: N examples with their learned tokens highlighted, then the totals."""
+    from rich.console import Console
+    from rich.panel import Panel
+
+    from .models import default_block_size
+    from .preview import CONTEXT, LEARNED, examples, totals
+
+    console = Console()
+    console.print(f"[{LEARNED}]learned[/] [{CONTEXT}]read, not learned[/]")
+    for i, text in enumerate(examples(store, cfg.show), 1):
+        console.print(Panel(text, title=f"example {i}", title_align="left"))
+    block = cfg.block_size or (default_block_size(cfg.model, cfg.init, cfg.preset, cfg.trust_remote_code)
+                               if store.conversations else None)
+    for name, value in [*totals(store, cfg, block), ("cache", str(store.path))]:
+        print(f"{name:>16}: {value}")
 
 
 def cmd_train(cfg: TrainConfig) -> int | None:
@@ -175,26 +195,82 @@ def _stream(writer, prompt: str | None, sampling) -> str:
     return "".join(pieces)
 
 
-def cmd_interactive(cfg: GenerateConfig) -> None:
+def _typed(prompt: str, hint: str, ctrl_c: str | None = None):
+    """Non-empty lines typed at `prompt` (with line editing where readline exists) until Ctrl+D. `hint`
+    goes to stderr first; with `ctrl_c`, Ctrl+C at the prompt says that instead of quitting."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    writer = _writer(cfg)
-    sampling = cfg.sampling()
-    print("Type a prompt and press Enter; Ctrl+D to quit.", file=sys.stderr)
+    print(hint, file=sys.stderr)
     while True:
         try:
-            prompt = input("prompt> ")
+            line = input(prompt)
         except EOFError:
             print(file=sys.stderr)
             return
-        if not prompt.strip():
+        except KeyboardInterrupt:
+            if ctrl_c is None:
+                raise
+            print(f"\n{ctrl_c}", file=sys.stderr)
             continue
+        if line.strip():
+            yield line
+
+
+def cmd_interactive(cfg: GenerateConfig) -> None:
+    writer = _writer(cfg)
+    sampling = cfg.sampling()
+    for prompt in _typed("prompt> ", "Type a prompt and press Enter; Ctrl+D to quit."):
         for i in range(cfg.num_samples):
             if cfg.num_samples > 1:
                 print(f"===== sample {i + 1} =====")
             _stream(writer, prompt, sampling)
+
+
+def cmd_chat(cfg: ChatConfig) -> None:
+    """A conversation in the terminal: each reply streams as it is written; Ctrl+C stops it, Ctrl+D quits."""
+    writer = _writer(cfg)
+    if not writer.template:
+        raise PenwrightError(f"{cfg.model} has no chat template: train it on conversations (messages, ShareGPT "
+                             "or Alpaca data), or write with `penwright interactive`")
+    messages = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    sampling = cfg.sampling()
+    hint = "Type a message and press Enter; Ctrl+C stops a reply, Ctrl+D quits."
+    for text in _typed("you> ", hint, ctrl_c="(Ctrl+D quits)"):
+        messages.append({"role": "user", "content": text})
+        messages.append({"role": "assistant", "content": _reply(writer, messages, sampling)})
+
+
+def _reply(writer, messages: list[dict], sampling) -> str:
+    """Stream the assistant's reply to `messages`, dropping the oldest turns if the conversation outgrows
+    the context; Ctrl+C ends the reply where it is."""
+    prompt = writer.render(messages)
+    room = writer.context - min(sampling.max_new_tokens, writer.context // 2)
+    while len(writer.tokenizer.encode(prompt)) > room and _drop_oldest(messages):
+        prompt = writer.render(messages)
+    pieces = []
+    stream = writer.stream(prompt, sampling)
+    try:
+        for piece in stream:
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        sys.stdout.write(" [stopped]")
+    sys.stdout.write("\n")
+    return "".join(pieces)
+
+
+def _drop_oldest(messages: list[dict]) -> bool:
+    """Forget the oldest exchange (a user turn and its reply), keeping the system prompt and the last turn."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    if len(messages) - first <= 1:
+        return False
+    del messages[first:first + 2]
+    warn("(the conversation outgrew the context: its oldest exchange is forgotten)")
+    return True
 
 
 def cmd_eval(cfg: EvalConfig) -> None:
@@ -234,9 +310,11 @@ class Command:
 
 
 COMMANDS = [
-    Command("prepare", PrepareConfig, "tokenize a corpus into the cache and print its statistics", cmd_prepare, """\
+    Command("prepare", PreviewConfig, "tokenize a corpus into the cache and print its statistics", cmd_prepare,
+            """\
   penwright prepare --data book.txt --model gpt2
-  penwright prepare --data plots.csv --text-column plot --label-column genre --model gpt2"""),
+  penwright prepare --data plots.csv --text-column plot --label-column genre --model gpt2
+  penwright prepare --data chats.jsonl --model SmolLM2.gguf --show 3     # conversations: what is learned"""),
     Command("train", TrainConfig, "fine-tune a model (or train one from scratch) on a corpus", cmd_train, """\
   penwright train --data book.txt --model gpt2 --out runs/book --max-steps 2000
   penwright train --data plots.csv --text-column plot --label-column genre --model distilgpt2 --out runs/plots
@@ -244,6 +322,7 @@ COMMANDS = [
   penwright train --data book.txt --model gpt2 --out runs/book --max-steps 4000 --resume
   penwright train --data book.txt --model gpt2-xl --out runs/book-xl --nproc 4 --batch-size 4     # 4 GPUs, DDP
   penwright train --data book.txt --model gpt2-xl --out runs/book-lora --lora r=16,alpha=32,dropout=0.05
+  penwright train --data chats.jsonl --model SmolLM2.gguf --out runs/assistant     # the replies learned
   torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
       -m penwright train --data book.txt --model gpt2-xl --out runs/book-xl --fsdp     # see docs/distributed.md"""),
     Command("generate", GenerateConfig, "write samples with a trained model", cmd_generate, """\
@@ -252,6 +331,11 @@ COMMANDS = [
   penwright generate --model runs/book --prompt-file prompts.txt --output samples.jsonl"""),
     Command("interactive", GenerateConfig, "a prompt loop: type a prompt, read the continuation", cmd_interactive, """\
   penwright interactive --model runs/book --temperature 0.7 --top-p 0.9""", ("prompt", "prompt_file", "output")),
+    Command("chat", ChatConfig, "chat with a model that has a chat template, the replies streaming", cmd_chat,
+            """\
+  penwright chat --model runs/assistant
+  penwright chat --model runs/assistant --system "You answer in one sentence." --temperature 0.7""",
+            ("prompt", "prompt_file", "output", "num_samples", "batch_size", "trim_to_sentence", "label")),
     Command("eval", EvalConfig, "score and compare models on held-out text: perplexity, continuations, copying",
             cmd_eval, """\
   penwright eval --model runs/book --model gpt2 --out reports/book          # held out: runs/book's validation split

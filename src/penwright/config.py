@@ -125,8 +125,15 @@ class DataConfig(Settings):
     val_file: str | None = opt(None, "use this corpus as the validation split instead of holding out")
     encoding: str = opt("utf-8", "text encoding of the corpus files, e.g. latin-1")
     cache_dir: str | None = opt(None, "where prepared token arrays are cached (default ~/.cache/penwright)")
+    format: Literal["auto", "text", "messages", "sharegpt", "alpaca"] = opt(
+        "auto", "how to read JSONL/JSON/CSV rows: text (--text-column etc.), or conversations: messages "
+                "(OpenAI's role/content list), sharegpt (conversations of from/value), alpaca (instruction, "
+                "input, output); auto tells them apart by their columns")
+    max_bad_rows: int = opt(0, "malformed rows (bad JSON, unknown role, empty content, no assistant turn) "
+                               "to skip and count before refusing the corpus")
 
     def check(self):
+        _at_least(self, 0, "max_bad_rows")
         _check(0.0 <= self.val_fraction < 1.0, f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         _check((self.prompt_column is None) == (self.completion_column is None),
                "--prompt-column and --completion-column go together: give both or neither")
@@ -143,9 +150,26 @@ class PrepareConfig(DataConfig):
     tokenizer: str | None = opt(None, "tokenizer to use (default: --model's; with --init scratch a new BPE)")
     vocab_size: int = opt(8192, "vocabulary size of a BPE trained with --init scratch and no --tokenizer")
     trust_remote_code: bool = opt(False, "allow model code from the hub to run")
+    train_on: Literal["assistant", "all"] = opt("assistant", "conversations: learn the assistant's replies "
+                                                             "(each with its end-of-turn token) or every token")
+    block_size: int | None = opt(None, "tokens per training sequence (default: min(model context, 512))")
+    truncate: bool = opt(False, "conversations: cut one longer than the block to its first --block-size "
+                                "tokens instead of leaving it out")
 
     def check(self):
+        _check(self.block_size is None or self.block_size >= 8,
+               f"--block-size must be at least 8, got {self.block_size}")
         _check(self.vocab_size >= 300, f"--vocab-size must be at least 300 (256 bytes + merges), got {self.vocab_size}")
+
+
+@dataclass
+class PreviewConfig(PrepareConfig):
+    """`penwright prepare`: the corpus and tokenizer, and how much of the result to show."""
+
+    show: int = opt(0, "print this many examples as the model will read them, trained tokens highlighted")
+
+    def check(self):
+        _at_least(self, 0, "show")
 
 
 @dataclass
@@ -155,7 +179,6 @@ class TrainConfig(Runtime, PrepareConfig):
     out: str | None = opt(None, "run directory to write (model, checkpoints, metrics, loss.png)")
     overwrite: bool = opt(False, "replace a run directory that holds a different run")
     resume: bool = opt(False, "continue from the newest complete checkpoint in --out")
-    block_size: int | None = opt(None, "tokens per training sequence (default: min(model context, 512))")
     batch_size: int = opt(8, "sequences per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     lr: float | None = opt(None, "peak learning rate (default 5e-5 fine-tuning, 2e-4 with --lora, 1e-3 from scratch)")
@@ -198,8 +221,6 @@ class TrainConfig(Runtime, PrepareConfig):
     def check(self):
         _at_least(self, 1, "batch_size", "grad_accum", "keep_checkpoints", "log_every", "sample_length", "eval_batches")
         _at_least(self, 0, "eval_every", "sample_every", "save_every", "weight_decay", "grad_clip", "max_bad_steps")
-        _check(self.block_size is None or self.block_size >= 8,
-               f"--block-size must be at least 8, got {self.block_size}")
         _check(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         _check(0 <= self.attention_dropout < 1, f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
         _check(self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1, got {self.max_steps}")
@@ -282,6 +303,13 @@ class GenerateConfig(Runtime, SampleConfig):
     def check(self):
         _check(not (self.prompt is not None and self.prompt_file is not None),
                "give --prompt or --prompt-file, not both")
+
+
+@dataclass
+class ChatConfig(GenerateConfig):
+    """`penwright chat`: a model with a chat template, a system prompt and sampling settings."""
+
+    system: str | None = opt(None, "system prompt that starts the conversation")
 
 
 @dataclass

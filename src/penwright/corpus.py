@@ -1,6 +1,8 @@
-"""Reading a corpus (.txt, a folder, CSV, JSONL) into documents, and the train/validation split.
+"""Reading a corpus (.txt, a folder, CSV, JSONL, JSON) into documents or conversations, and the split.
 
-Knows nothing of tokenizers or torch: it turns files into `Document`s and says what it read.
+Knows nothing of tokenizers or torch: it turns files into `Document`s, or `Conversation`s for the
+three shapes chat data comes in (OpenAI `messages`, ShareGPT `conversations`, Alpaca), and says
+what it read. A malformed row is named by file and line; `--max-bad-rows` of them are skipped.
 """
 
 from __future__ import annotations
@@ -15,12 +17,16 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from .config import DataConfig
 from .errors import PenwrightError
 
 TEXT_SUFFIXES = (".txt", ".md")
 MIN_DOCS_TO_SPLIT_BY_DOCUMENT = 10
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant"}
 
 
 @dataclass(frozen=True)
@@ -32,17 +38,64 @@ class Document:
     prompt: str | None = None
 
 
+@dataclass(frozen=True)
+class Turn:
+    role: str  # system, user or assistant
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One conversation, whichever format it came in. By default only the assistant's turns are learned."""
+
+    turns: tuple[Turn, ...]
+    source: str = field(default="", compare=False)  # "file:line", for messages about this conversation
+    label: ClassVar[None] = None  # a conversation has no label or prompt of its own: it reads as a Document
+    prompt: ClassVar[None] = None
+
+    @property
+    def text(self) -> str:
+        return "\n".join(turn.content for turn in self.turns)
+
+    def messages(self) -> list[dict]:
+        return [{"role": turn.role, "content": turn.content} for turn in self.turns]
+
+
+class BadRows:
+    """Malformed rows: each one is skipped and counted, until there are more than `limit`; then the
+    one too many is the error, named by its file and line."""
+
+    def __init__(self, limit: int, seen: int = 0):
+        self.limit, self.seen = limit, seen
+
+    def add(self, where: str, reason: str) -> None:
+        self.seen += 1
+        if self.seen > self.limit:
+            hint = (f"; {self.limit} malformed rows before it were skipped (--max-bad-rows {self.limit})"
+                    if self.limit else "; fix it, or skip such rows with --max-bad-rows N")
+            raise PenwrightError(f"{where}: {reason}{hint}")
+
+
+class Malformed(Exception):
+    """A row that cannot be read; `_rows_to_documents` reports it through `BadRows`."""
+
+
 @dataclass
 class Corpus:
-    train: list[Document]
-    val: list[Document]
+    train: list[Document] | list[Conversation]
+    val: list[Document] | list[Conversation]
     files: list[Path]
     labels: Counter = field(default_factory=Counter)
     fingerprint: str = ""  # a hash of every file's name and bytes: the token cache's key
+    skipped: int = 0  # malformed rows left out (--max-bad-rows)
+
+    @property
+    def conversations(self) -> bool:
+        return any(isinstance(d, Conversation) for d in self.train + self.val)
 
     def stats(self) -> dict:
         docs = self.train + self.val
-        return {
+        stats = {
             "files": len(self.files),
             "documents": len(docs),
             "train_documents": len(self.train),
@@ -50,35 +103,43 @@ class Corpus:
             "characters": sum(len(d.text) + len(d.prompt or "") for d in docs),
             "labels": dict(sorted(self.labels.items())),
         }
+        if self.conversations:
+            stats.update(conversations=len(docs), turns=sum(len(d.turns) for d in docs))
+        return {**stats, "skipped_rows": self.skipped} if self.skipped else stats
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     """Read `cfg.data` (and `cfg.val_file`) and split it into train and validation documents."""
     if not cfg.data:
         raise PenwrightError("no corpus given: pass --data FILE_OR_FOLDER")
-    hasher = hashlib.sha256()
-    files, docs = read_documents(Path(cfg.data), cfg, hasher)
+    hasher, bad = hashlib.sha256(), BadRows(cfg.max_bad_rows)
+    files, docs = read_documents(Path(cfg.data), cfg, hasher, bad)
     if cfg.val_file:
-        val_files, val = read_documents(Path(cfg.val_file), cfg, hasher)
+        val_files, val = read_documents(Path(cfg.val_file), cfg, hasher, bad)
         files += val_files
         train = docs
     else:
         train, val = split_documents(docs, cfg.val_fraction)
     if not train:
         raise PenwrightError(f"{cfg.data}: the corpus is empty (no text found)")
+    if len({isinstance(d, Conversation) for d in train + val}) > 1:
+        raise PenwrightError(f"{cfg.data} and {cfg.val_file}: one holds conversations and the other plain "
+                             "text; give both in the same form")
     labels = Counter(d.label for d in train + val if d.label is not None)
-    return Corpus(train, val, files, labels, hasher.hexdigest())
+    return Corpus(train, val, files, labels, hasher.hexdigest(), bad.seen)
 
 
-def read_documents(path: Path, cfg: DataConfig, hasher=None) -> tuple[list[Path], list[Document]]:
+def read_documents(path: Path, cfg: DataConfig, hasher=None,
+                   bad: BadRows | None = None) -> tuple[list[Path], list[Document] | list[Conversation]]:
     """All documents under `path`, and the files they came from; `hasher` sees each file's name and bytes."""
     files = corpus_files(path)
+    bad = bad or BadRows(cfg.max_bad_rows)
     docs: list[Document] = []
     for file in files:
         data = _read(file)
         if hasher is not None:
             hasher.update(os.fsencode(file.name) + b"\0" + len(data).to_bytes(8, "little") + data)
-        docs += _parse(file, _decode(file, data, cfg.encoding), cfg)
+        docs += _parse(file, _decode(file, data, cfg.encoding), cfg, bad)
     if hasher is not None:
         hasher.update(b"\1")
     return files, docs
@@ -119,18 +180,17 @@ def _decode(file: Path, data: bytes, encoding: str) -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
-def _parse(file: Path, text: str, cfg: DataConfig) -> list[Document]:
+def _parse(file: Path, text: str, cfg: DataConfig, bad: BadRows) -> list[Document] | list[Conversation]:
     suffix = file.suffix.lower()
-    if suffix == ".csv":
-        return _rows_to_documents(file, _csv_rows(file, text), cfg)
-    if suffix == ".jsonl":
-        return _rows_to_documents(file, _jsonl_rows(file, text), cfg)
+    rows = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".json": _json_rows}.get(suffix)
+    if rows is not None:
+        return _rows_to_documents(file, rows(file, text, bad), cfg, bad)
     if cfg.line_by_line:
         return [Document(line.strip()) for line in text.split("\n") if line.strip()]
     return [Document(text.strip())] if text.strip() else []
 
 
-def _csv_rows(file: Path, text: str) -> list[tuple[int, dict]]:
+def _csv_rows(file: Path, text: str, bad: BadRows) -> list[tuple[int, dict]]:
     csv.field_size_limit(sys.maxsize)
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
@@ -139,7 +199,7 @@ def _csv_rows(file: Path, text: str) -> list[tuple[int, dict]]:
         raise PenwrightError(f"{file}: malformed CSV ({e})") from None
 
 
-def _jsonl_rows(file: Path, text: str) -> list[tuple[int, dict]]:
+def _jsonl_rows(file: Path, text: str, bad: BadRows) -> list[tuple[int, dict]]:
     rows = []
     for number, line in enumerate(text.split("\n"), 1):
         if not line.strip():
@@ -147,22 +207,57 @@ def _jsonl_rows(file: Path, text: str) -> list[tuple[int, dict]]:
         try:
             row = json.loads(line)
         except (ValueError, RecursionError) as e:  # bad JSON, too deep, or a number too long to convert
-            raise PenwrightError(f"{file}:{number}: not valid JSON ({getattr(e, 'msg', e)})") from None
+            bad.add(f"{file}:{number}", f"not valid JSON ({getattr(e, 'msg', e)})")
+            continue
         if not isinstance(row, dict):
-            raise PenwrightError(f"{file}:{number}: each JSONL line must be an object like {{\"text\": ...}}")
+            bad.add(f"{file}:{number}", "each JSONL line must be an object like {\"text\": ...}")
+            continue
         rows.append((number, row))
     return rows
 
 
-def _rows_to_documents(file: Path, rows: list[tuple[int, dict]], cfg: DataConfig) -> list[Document]:
+def _json_rows(file: Path, text: str, bad: BadRows) -> list[tuple[int, dict]]:
+    """A JSON array of row objects (Alpaca's own files are one), each with the line it starts on."""
+    decoder, rows = json.JSONDecoder(), []
+    at = _skip_space(text, 0)
+    if not text.startswith("[", at):
+        raise PenwrightError(f"{file}: a .json corpus must be a list of objects, one per row (or use .jsonl)")
+    at = _skip_space(text, at + 1)
+    while not text.startswith("]", at):
+        line = text.count("\n", 0, at) + 1
+        try:
+            row, at = decoder.raw_decode(text, at)
+        except (ValueError, RecursionError) as e:  # the rest of the file cannot be read past this point
+            raise PenwrightError(f"{file}:{line}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if isinstance(row, dict):
+            rows.append((line, row))
+        else:
+            bad.add(f"{file}:{line}", "each row must be an object like {\"text\": ...}")
+        at = _skip_space(text, at)
+        if text.startswith(",", at):
+            at = _skip_space(text, at + 1)
+        elif not text.startswith("]", at):
+            line = text.count("\n", 0, at) + 1
+            raise PenwrightError(f"{file}:{line}: not valid JSON (expected ',' or ']')")
+    return rows
+
+
+def _skip_space(text: str, at: int) -> int:
+    while at < len(text) and text[at] in " \t\n":
+        at += 1
+    return at
+
+
+def _rows_to_documents(file: Path, rows: list[tuple[int, dict]], cfg: DataConfig,
+                       bad: BadRows) -> list[Document] | list[Conversation]:
+    seen = {key for _, row in rows for key in row if isinstance(key, str)}
+    shape = row_format(seen, cfg)
+    if shape != "text":
+        return _rows_to_conversations(file, rows, shape, seen, bad)
     columns = [cfg.prompt_column, cfg.completion_column] if cfg.prompt_column else [cfg.text_column]
     if cfg.label_column:
         columns.append(cfg.label_column)
-    seen = {key for _, row in rows for key in row if isinstance(key, str)}
-    for column in columns:
-        if rows and column not in seen:
-            have = ", ".join(sorted(seen)) or "none"
-            raise PenwrightError(f"{file}: no column {column!r}; it has: {have} (choose one with --text-column etc.)")
+    _require(file, rows, seen, columns, "choose one with --text-column etc.")
     docs = []
     for line, row in rows:
         label = _cell(file, line, row, cfg.label_column) if cfg.label_column else None
@@ -186,6 +281,97 @@ def _rows_to_documents(file: Path, rows: list[tuple[int, dict]], cfg: DataConfig
     return docs
 
 
+def _require(file: Path, rows: list, seen: set, columns: list[str], hint: str) -> None:
+    for column in columns:
+        if rows and column not in seen:
+            have = ", ".join(sorted(seen)) or "none"
+            raise PenwrightError(f"{file}: no column {column!r}; it has: {have} ({hint})")
+
+
+# --- conversations ----------------------------------------------------------------------------
+
+FORMAT_COLUMNS = {"messages": ["messages"], "sharegpt": ["conversations"],
+                  "alpaca": ["instruction", "output"]}  # what each format's rows must hold
+
+
+def row_format(columns: set, cfg: DataConfig) -> str:
+    """`--format`, or for auto what the columns say: messages, conversations, instruction + output, else text."""
+    if cfg.format != "auto":
+        return cfg.format
+    if cfg.prompt_column is None:
+        for shape, needs in FORMAT_COLUMNS.items():
+            if set(needs) <= columns:
+                return shape
+    return "text"
+
+
+def _rows_to_conversations(file: Path, rows: list[tuple[int, dict]], shape: str, seen: set,
+                           bad: BadRows) -> list[Conversation]:
+    _require(file, rows, seen, FORMAT_COLUMNS[shape], f"--format {shape} needs it")
+    read = {"messages": _openai, "sharegpt": _sharegpt, "alpaca": _alpaca}[shape]
+    conversations = []
+    for line, row in rows:
+        try:
+            if missing := [column for column in FORMAT_COLUMNS[shape] if column not in row]:
+                raise Malformed(f"no {missing[0]!r}, as --format {shape} needs")
+            turns = read(row)
+            if not any(turn.role == "assistant" for turn in turns):
+                raise Malformed("no assistant turn, so nothing to learn from it")
+        except Malformed as e:
+            bad.add(f"{file}:{line}", str(e))
+            continue
+        conversations.append(Conversation(turns, f"{file}:{line}"))
+    return conversations
+
+
+def _openai(row: dict) -> tuple[Turn, ...]:
+    return _turns(row["messages"], "messages", "role", "content", {role: role for role in ROLES})
+
+
+def _sharegpt(row: dict) -> tuple[Turn, ...]:
+    return _turns(row["conversations"], "conversations", "from", "value", SHAREGPT_ROLES)
+
+
+def _alpaca(row: dict) -> tuple[Turn, ...]:
+    """Alpaca's instruction (and its optional input after a blank line) asked by the user, the output answered."""
+    instruction, extra, output = (_text(row.get(key), key) for key in ("instruction", "input", "output"))
+    if not instruction.strip() or not output.strip():
+        raise Malformed(f"empty {'instruction' if not instruction.strip() else 'output'}")
+    user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return Turn("user", user), Turn("assistant", output)
+
+
+def _text(value, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise Malformed(f"{name!r} holds {type(value).__name__}, expected text")
+    return value
+
+
+def _turns(value, column: str, role_key: str, text_key: str, roles: dict[str, str]) -> tuple[Turn, ...]:
+    """The turns of a list of {role, content}-like objects; a CSV cell holds that list as JSON text."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError):
+            raise Malformed(f"{column!r} is text that is not a JSON list") from None
+    if not isinstance(value, list):
+        raise Malformed(f"{column!r} must be a list of {{{role_key!r}, {text_key!r}}} objects, "
+                        f"not {type(value).__name__}")
+    turns = []
+    for number, message in enumerate(value, 1):
+        if not isinstance(message, dict):
+            raise Malformed(f"{column}[{number}] is {type(message).__name__}, not an object")
+        role, content = message.get(role_key), message.get(text_key)
+        if not isinstance(role, str) or role not in roles:
+            raise Malformed(f"{column}[{number}] has {role_key} {role!r}; known ones are: {', '.join(roles)}")
+        if not isinstance(content, str) or not content.strip():
+            raise Malformed(f"{column}[{number}] ({role}) has no {text_key}: it must be non-empty text")
+        turns.append(Turn(roles[role], content))
+    return tuple(turns)
+
+
 def _cell(file: Path, line: int, row: dict, column: str) -> str | None:
     value = row.get(column)
     if value is None or isinstance(value, str):
@@ -199,14 +385,15 @@ def split_documents(docs: list[Document], val_fraction: float) -> tuple[list[Doc
     """A deterministic split: whole documents when there are enough, else the tail of each one.
 
     With few documents (one long book, say) the last `val_fraction` of each document's lines is
-    held out, as the Harry Potter tutorial's 90/10 split does.
+    held out, as the Harry Potter tutorial's 90/10 split does. Conversations are held out whole.
     """
     if val_fraction == 0 or not docs:
         return docs, []
-    if len(docs) >= MIN_DOCS_TO_SPLIT_BY_DOCUMENT:
+    whole = isinstance(docs[0], Conversation)  # a conversation is never cut
+    if len(docs) >= MIN_DOCS_TO_SPLIT_BY_DOCUMENT or whole:
         order = list(range(len(docs)))
         random.Random(0).shuffle(order)
-        n_val = max(1, round(len(docs) * val_fraction))
+        n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1)
         held = set(order[:n_val])
         return ([d for i, d in enumerate(docs) if i not in held], [d for i, d in enumerate(docs) if i in held])
     train, val = [], []

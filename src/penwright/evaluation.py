@@ -27,9 +27,9 @@ import torch.nn.functional as F
 
 from . import files, sources
 from .config import EvalConfig, SampleConfig, TrainConfig
-from .corpus import Document, load_corpus, read_documents
+from .corpus import BadRows, Conversation, Document, load_corpus, read_documents
 from .errors import PenwrightError
-from .generate import Writer, load
+from .generate import Chat, Writer, load
 from .runs import RunDir, learned_context, plot_losses, read_metrics
 from .tokens import encode_texts
 
@@ -60,11 +60,17 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     return report
 
 
-def score(writer: Writer, docs: list[Document], cfg: EvalConfig, train_texts: list[str] | None = None,
-          label_test: bool = False) -> dict:
-    """Every metric for one model; the memorisation and label tests only where they apply."""
-    cases = continuation_cases(docs, cfg.holdout_words, cfg.max_documents)
-    result = {"perplexity": perplexity(writer, docs, cfg.stride, cfg.batch_size)}
+def score(writer: Writer, docs: list[Document] | list[Conversation], cfg: EvalConfig,
+          train_texts: list[str] | None = None, label_test: bool = False) -> dict:
+    """Every metric for one model; the memorisation and label tests only where they apply. On
+    conversations, perplexity is the replies' and the continuation test writes each last reply."""
+    chats = any(isinstance(d, Conversation) for d in docs)
+    if chats:
+        cases = reply_cases(writer, docs, cfg.holdout_words, cfg.max_documents)
+        result = {"perplexity": reply_perplexity(writer, docs, cfg.batch_size)}
+    else:
+        cases = continuation_cases(docs, cfg.holdout_words, cfg.max_documents)
+        result = {"perplexity": perplexity(writer, docs, cfg.stride, cfg.batch_size)}
     # The prompt keeps at least half the context: the ending depends on what came before.
     sampling = replace(cfg.sampling(), max_new_tokens=min(cfg.max_new_tokens, writer.context // 2))
     samples = write_continuations(writer, cases, sampling)
@@ -73,7 +79,8 @@ def score(writer: Writer, docs: list[Document], cfg: EvalConfig, train_texts: li
     result["continuation"] = {**overlap(endings, [c.ending for c in cases for _ in range(cfg.num_samples)]),
                               "documents": len(cases), "holdout_words": cfg.holdout_words,
                               "max_new_tokens": sampling.max_new_tokens,
-                              "too_short_documents": sum(len(d.text.split()) <= cfg.holdout_words for d in docs)}
+                              "too_short_documents": 0 if chats else
+                              sum(len(d.text.split()) <= cfg.holdout_words for d in docs)}
     result["diversity"] = diversity(per_case)
     result["memorisation"] = memorisation(writer.tokenizer, samples, train_texts) if train_texts else None
     result["label_control"] = label_control(writer, docs, cfg) if label_test else None
@@ -175,6 +182,37 @@ def _stream(writer: Writer, docs: list[Document]) -> tuple[np.ndarray, np.ndarra
     return np.concatenate(tokens), np.concatenate(scored)
 
 
+def reply_perplexity(writer: Writer, conversations: list[Conversation], batch_size: int = 8) -> dict:
+    """Perplexity and bits per byte of the assistant's replies (with their end-of-turn tokens) alone, each
+    conversation read on its own from its start, as in training; one longer than the context is cut to it."""
+    from .batches import Packed
+    from .chat import encode
+    from .losses import IGNORE, lm_loss
+
+    encoded = encode(writer.tokenizer, conversations, "assistant", BadRows(len(conversations)))
+    pad = writer.tokenizer.pad_token_id or 0
+    packed = Packed(*encoded.arrays(), writer.context, 1, 0, truncate=True, pad=pad)
+    nats, count = torch.zeros((), dtype=torch.float64), 0
+    model, was_training = writer.model, writer.model.training
+    model.eval()
+    try:
+        for at in range(0, packed.windows, batch_size):
+            rows = packed.rows(range(at, min(at + batch_size, packed.windows)))
+            x, y, positions = (a.to(writer.device) for a in rows)
+            with torch.inference_mode(), torch.autocast(writer.device.type, dtype=writer.autocast,
+                                                        enabled=writer.autocast is not None):
+                nats += lm_loss(model, x, y, reduction="sum", positions=positions).double().cpu()
+            count += int((y != IGNORE).sum())
+    finally:
+        model.train(was_training)
+    replies = [t.content for c in encoded.conversations for t in c.turns if t.role == "assistant"]
+    size = sum(len(reply.encode()) for reply in replies)
+    loss = nats.item() / max(count, 1)
+    return {"perplexity": math.exp(min(loss, 50)), "bits_per_byte": nats.item() / math.log(2) / max(size, 1),
+            "loss": loss, "tokens": count, "bytes": size, "context": writer.context, "stride": None,
+            "scored": "assistant replies", "cut_to_context": packed.too_long}
+
+
 def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first): feed tokens[start:end] and score the predictions made at positions
     first..end-1 (of tokens first+1..end). Each of tokens 1..n-1 is scored exactly once, the
@@ -209,6 +247,25 @@ def continuation_cases(docs: list[Document], words: int, limit: int) -> list[Cas
         raise PenwrightError(f"--holdout-words {words} leaves nothing to continue from: the longest held-out "
                              f"document has {longest} words; use --holdout-words {max(1, longest // 4)} "
                              "or longer documents")
+    picked = np.unique(np.linspace(0, len(cases) - 1, min(limit, len(cases))).round().astype(int))
+    return [cases[i] for i in picked]
+
+
+def reply_cases(writer: Writer, conversations: list[Conversation], words: int, limit: int) -> list[Case]:
+    """Per conversation (at most `limit`), the turns before its last reply as a chat prompt, and the first
+    `words` words of that reply as what the written one is compared with."""
+    from .chat import RenderError, render
+
+    cases = []
+    for conversation in conversations:
+        last = max(i for i, turn in enumerate(conversation.turns) if turn.role == "assistant")
+        try:
+            prompt = render(writer.tokenizer, conversation.messages()[:last], add_generation_prompt=True)
+        except RenderError:
+            continue
+        cases.append(Case(Chat(prompt), " ".join(conversation.turns[last].content.split()[:words]), None))
+    if not cases:
+        return []
     picked = np.unique(np.linspace(0, len(cases) - 1, min(limit, len(cases))).round().astype(int))
     return [cases[i] for i in picked]
 
@@ -465,7 +522,11 @@ def _markdown(report: dict, charts: list[str]) -> str:
         lines.append(f"| {heading} | " + " | ".join(_cell(r, path, fmt) for r in report["models"].values()) + " |")
     sampling = ", ".join(f"{k} {settings[k]}" for k in ("temperature", "top_k", "top_p", "repetition_penalty",
                                                         "greedy", "max_new_tokens", "num_samples", "seed"))
+    chats = any(r["perplexity"].get("scored") for r in report["models"].values())
     lines += ["", "## How these were measured", "",
+              "- **perplexity** and **bits per byte**: of the assistant's replies alone (each with its "
+              "end-of-turn token), each conversation read on its own; the BLEU test writes each last reply, "
+              "comparing its first words." if chats else
               "- **perplexity** and **bits per byte**: sliding window over the held-out text (stride "
               f"{settings['stride'] or 'half the context'}); only the documents' text is scored, "
               "not labels or prompts.",

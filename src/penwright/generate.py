@@ -25,6 +25,11 @@ CONTROL = re.compile(r"^<\|([^=|]+)=(.+)\|>$")
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 
+class Chat(str):
+    """A conversation rendered by its chat template up to the reply (`Writer.render`): written from as it
+    is, with no end-of-text token or label before it, as conversations are trained."""
+
+
 @dataclass
 class Sample:
     prompt: str | None
@@ -51,6 +56,21 @@ class Writer:
         for token, token_id in tokenizer.get_added_vocab().items():
             if match := CONTROL.match(token):
                 self.labels[match.group(2)] = token_id
+        self._stops = (None, {tokenizer.eos_token_id})  # (for this template, these)
+
+    @property
+    def template(self) -> str | None:
+        """The chat template (None: this model cannot chat)."""
+        return getattr(self.tokenizer, "chat_template", None)
+
+    @property
+    def stops(self) -> set[int]:
+        """The tokens that end a row: EOS and, for a chat model, its end-of-turn token."""
+        if self._stops[0] != self.template:
+            from .chat import end_of_turn
+
+            self._stops = (self.template, {self.tokenizer.eos_token_id, end_of_turn(self.tokenizer)} - {None})
+        return self._stops[1]
 
     # --- the public API ---------------------------------------------------------------------
 
@@ -114,6 +134,18 @@ class Writer:
         steps = self._decode([ids], replace(cfg, max_new_tokens=budget), self._generator(cfg.seed))
         return ids, [self.tokenizer.eos_token_id if step[0] is None else step[0] for step in steps]
 
+    def render(self, messages: list[dict]) -> Chat:
+        """The conversation in the model's chat template, ready for the assistant's reply."""
+        from .chat import RenderError, render
+
+        if not self.template:
+            raise PenwrightError("this model has no chat template: train it on conversations (messages, "
+                                 "ShareGPT or Alpaca data) to chat with it")
+        try:
+            return Chat(render(self.tokenizer, messages, add_generation_prompt=True))
+        except RenderError as e:
+            raise PenwrightError(f"the model's chat template refused these messages ({e})") from None
+
     # --- internals --------------------------------------------------------------------------
 
     def _generator(self, seed: int | None) -> torch.Generator:
@@ -125,8 +157,10 @@ class Writer:
         return generator
 
     def _prompt_ids(self, prompt: str | None, cfg: SampleConfig) -> tuple[list[int], int]:
-        """EOS (how every training document starts), the label's control token, then the prompt."""
-        head = [self.tokenizer.eos_token_id]
+        """EOS (how every training document starts), the label's token, then the prompt; a Chat alone."""
+        head = [] if isinstance(prompt, Chat) else [self.tokenizer.eos_token_id]
+        if cfg.label is not None and not head:
+            raise PenwrightError("a label does not apply to a chat reply; leave it out")
         if cfg.label is not None:
             if cfg.label not in self.labels:
                 known = ", ".join(sorted(self.labels)) or "none (train with --label-column)"
@@ -149,7 +183,7 @@ class Writer:
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], cfg: SampleConfig, generator) -> Iterator[dict]:
         """Yield, per step, {row: new token id, or None when that row just finished}."""
-        model, eos, stepper = self.model, self.tokenizer.eos_token_id, self._stepper()
+        model, stops, stepper = self.model, self.stops, self._stepper()
         width = max(map(len, prompts))
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
@@ -168,9 +202,9 @@ class Writer:
                     if done[row]:
                         continue
                     texts[row].append(token)
-                    if token == eos or _hit_stop(self.tokenizer, texts[row], cfg.stop):
+                    if token in stops or _hit_stop(self.tokenizer, texts[row], cfg.stop):
                         done[row] = True
-                        step[row] = None if token == eos else token
+                        step[row] = None if token in stops else token
                     else:
                         step[row] = token
                 yield step

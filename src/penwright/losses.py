@@ -63,18 +63,22 @@ def _chunks(hidden, weight, targets, grads: bool):
     return loss, grad_hidden, grad_weight
 
 
-def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", fused: bool = True) -> torch.Tensor:
+def lm_loss(model, x: torch.Tensor, y: torch.Tensor, reduction: str = "mean", fused: bool = True,
+            positions: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross-entropy in fp32.
 
     `fused`: from the final hidden states through the head chunk by chunk (losses.py), never
-    holding the whole logits, wherever the model allows it (`_head_weight`).
+    holding the whole logits, wherever the model allows it (`_head_weight`). `positions`: for
+    packed conversations, restarting at each one; with no cache and no attention mask,
+    transformers turns them into a block-diagonal causal mask (see `keeps_packed_apart`).
     """
     weight = _head_weight(model) if fused else None
+    packed = {} if positions is None else {"position_ids": positions}
     if weight is None:
-        logits = model(input_ids=x, use_cache=False).logits
+        logits = model(input_ids=x, use_cache=False, **packed).logits
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction=reduction)
     # logits_to_keep=1: the model's own head scores only the last position, which costs nothing
-    out = model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=1)
+    out = model(input_ids=x, use_cache=False, output_hidden_states=True, logits_to_keep=1, **packed)
     total = linear_cross_entropy(out.hidden_states[-1].flatten(0, 1), weight, y.flatten())
     return total if reduction == "sum" else total / (y != IGNORE).sum()
 
@@ -87,3 +91,24 @@ def _head_weight(model) -> torch.Tensor | None:
     if not isinstance(head, torch.nn.Linear) or head.bias is not None or hasattr(head.weight, "placements"):
         return None
     return head.weight if "logits_to_keep" in inspect.signature(inner.forward).parameters else None
+
+
+@torch.no_grad()
+def keeps_packed_apart(model) -> bool:
+    """Whether the model's attention stays inside each sequence of a packed row whose positions restart:
+    the last of three short sequences must score the same packed as alone. A model that ignores the
+    restarts would let packed conversations read each other."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = ((torch.arange(12, device=device) * 7919 + 1) % vocab)[None]  # + 1: not the padding 0
+    positions = torch.arange(4, device=device).repeat(3)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        alone = model(input_ids=ids[:, 8:], use_cache=False).logits.float()
+        packed = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 8:].float()
+    except TypeError:  # a forward without position_ids
+        return False
+    finally:
+        model.train(was_training)
+    return torch.allclose(alone, packed, atol=1e-4, rtol=1e-3)

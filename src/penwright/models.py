@@ -85,10 +85,30 @@ def fit_tokenizer(model, tokenizer) -> None:
     for config in (model.config, model.generation_config):
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.chat_template:
+        from .chat import end_of_turn
+
+        turn = end_of_turn(tokenizer)
+        if turn not in (None, tokenizer.eos_token_id):  # transformers' generate stops at the end of a turn too
+            model.generation_config.eos_token_id = [tokenizer.eos_token_id, turn]
+
+
+MAX_DEFAULT_BLOCK = 512  # the default block size is the model's context, up to this
+
+
+def default_block_size(spec: str, init: str, preset: str, trust_remote_code: bool = False) -> int:
+    """The block size training picks for a model, read from its config alone (no weights loaded)."""
+    if init == "scratch":
+        return min(PRESETS[preset]["n_positions"], MAX_DEFAULT_BLOCK)
+    from transformers import AutoConfig
+
+    config = sources.load_pretrained(AutoConfig, sources.resolve(spec), trust_remote_code=trust_remote_code)
+    return min(context_length(config), MAX_DEFAULT_BLOCK)
 
 
 def context_length(model) -> int:
-    config = model.config
+    """The context of a model (or of a model's config)."""
+    config = getattr(model, "config", model)
     for name in ("n_positions", "max_position_embeddings", "n_ctx", "max_sequence_length"):
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:

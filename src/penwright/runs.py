@@ -23,7 +23,8 @@ from .errors import PenwrightError
 RUN_FILE = "penwright.json"
 # Settings that make a run a different run; changing others (steps, eval cadence) is fine on resume.
 IDENTITY = ("data", "val_file", "model", "init", "preset", "tokenizer", "text_column", "label_column",
-            "prompt_column", "completion_column", "line_by_line", "val_fraction", "block_size", "seed", "lora")
+            "prompt_column", "completion_column", "line_by_line", "val_fraction", "block_size", "seed", "lora",
+            "format", "train_on")
 
 
 class RunDir:
@@ -55,7 +56,9 @@ class RunDir:
                 raise PenwrightError(f"--out {run.path} already holds a run: add --resume to continue it "
                                      "or --overwrite to start again")
             else:
-                changed = [k for k in IDENTITY if previous.get(k) != getattr(cfg, k)]
+                # a setting newer than the run's penwright.json had its default there
+                defaults = {k: TrainConfig.__dataclass_fields__[k].default for k in IDENTITY}
+                changed = [k for k in IDENTITY if previous.get(k, defaults[k]) != getattr(cfg, k)]
                 if changed:
                     raise PenwrightError(f"--out {run.path} holds a different run (--{changed[0].replace('_', '-')} "
                                          f"was {previous.get(changed[0])!r}); use another --out or --overwrite")

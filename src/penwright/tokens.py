@@ -6,7 +6,9 @@ exact tokenizer used, and a JSON manifest. The store lives in a cache folder nam
 the corpus bytes, the options and the tokenizer, so unchanged input is never tokenized twice.
 
 Stream layout: EOS, then for every document ``[<|label=value|>] [prompt] text EOS``, so each
-document is preceded by EOS, which is also how generation starts a new text.
+document is preceded by EOS, which is also how generation starts a new text. Conversations are
+laid out as their chat template renders them, one after another with no separator, and the store
+records where each starts (`starts`): training packs them whole, each attending only to itself.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, sources
+from . import chat, files, sources
 from .config import PrepareConfig
-from .corpus import Corpus, Document, load_corpus
+from .corpus import BadRows, Corpus, Document, load_corpus
 from .errors import PenwrightError
 
 FORMAT_VERSION = 1
@@ -80,6 +82,14 @@ class TextTokenizer:
         if self.eos_token_id is None:
             raise PenwrightError(f"{path}: the tokenizer has no end-of-text token {self.eos_token!r}")
         self.pad_token_id = self.backend_tokenizer.token_to_id(_token_text(settings.get("pad_token")) or self.eos_token)
+        self.special_tokens_map = {name: _token_text(settings[name]) for name in SPECIAL_TOKENS
+                                   if settings.get(name)}
+        self.chat_template = _chat_template(path, settings)
+
+    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = False):
+        """As transformers' method of that name, for the few arguments writing uses."""
+        text = chat.render(self, messages, add_generation_prompt)
+        return self.encode(text) if tokenize else text
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend_tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
@@ -92,6 +102,21 @@ class TextTokenizer:
 
     def __len__(self) -> int:
         return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def _chat_template(path: Path, settings: dict) -> str | None:
+    """The template transformers reads: chat_template.jinja, else tokenizer_config.json's (or its default)."""
+    try:
+        return (path / "chat_template.jinja").read_text()
+    except OSError:
+        pass
+    template = settings.get("chat_template")
+    if isinstance(template, list):  # several named templates
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
 
 
 def _token_text(token) -> str | None:
@@ -198,6 +223,16 @@ class TokenStore:
             return None
         return self._array(f"{split}_mask.bin", "uint8", self.manifest[f"{split}_tokens"])
 
+    @property
+    def conversations(self) -> bool:
+        return self.manifest.get("conversations", False)
+
+    def starts(self, split: str) -> np.ndarray | None:
+        """For conversations: where each one starts in the token array, then the array's length."""
+        if not self.conversations:
+            return None
+        return np.fromfile(self.path / f"{split}_starts.bin", dtype=np.int64)
+
     def _array(self, name: str, dtype: str, count: int) -> np.ndarray:
         if count == 0:
             return np.zeros(0, dtype)
@@ -227,7 +262,10 @@ def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
     else:
         tokenizer_id = f"trained-bpe-{cfg.vocab_size}"
     options = {k: getattr(cfg, k) for k in ("text_column", "label_column", "prompt_column", "completion_column",
-                                            "line_by_line", "val_fraction", "encoding")}
+                                            "line_by_line", "val_fraction", "encoding", "format",
+                                            "max_bad_rows")}
+    if corpus.conversations:  # how a conversation is rendered and learned
+        options.update(train_on=cfg.train_on, template=chat.template_of(base) if base else chat.CHATML)
     key = hashlib.sha256(json.dumps([FORMAT_VERSION, corpus.fingerprint, options, bool(cfg.val_file), tokenizer_id],
                                     sort_keys=True).encode()).hexdigest()[:24]
     path = cache_root(cfg) / key
@@ -240,30 +278,55 @@ def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
 
 def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log) -> TokenStore:
     add_control_tokens(tokenizer, [control_token(cfg.label_column, v) for v in sorted(corpus.labels)])
+    added = chat.install(tokenizer) if corpus.conversations else []  # new tokens the model must learn
+    if corpus.conversations:
+        splits, stats = encode_conversations(tokenizer, corpus, cfg)
+    else:
+        has_mask = any(d.prompt is not None for d in corpus.train + corpus.val)
+        splits = {split: encode_documents(tokenizer, docs, cfg.label_column, has_mask) + (None,) if docs
+                  else (np.zeros(0), np.zeros(0, np.uint8) if has_mask else None, None)
+                  for split, docs in (("train", corpus.train), ("val", corpus.val))}
+        stats = corpus.stats()
     dtype = "uint16" if len(tokenizer) <= 1 << 16 else "uint32"
     path.parent.mkdir(parents=True, exist_ok=True)
     files.remove_stale(path.parent, ".tmp-*", min_age=STALE_SECONDS)  # left by a prepare that was killed
     hint = "run the same command again"
     with files.staged_dir(path, f"writing the token cache {path}", hint, publish=_publish_store) as tmp:
-        counts = {}
-        has_mask = any(d.prompt is not None for d in corpus.train + corpus.val)
-        for split, docs in (("train", corpus.train), ("val", corpus.val)):
-            empty = (np.zeros(0), None)
-            tokens, mask = encode_documents(tokenizer, docs, cfg.label_column, has_mask) if docs else empty
-            counts[split] = len(tokens)
+        for split, (tokens, mask, starts) in splits.items():
             tokens.astype(dtype).tofile(tmp / f"{split}.bin")
-            if mask is not None:
-                mask.tofile(tmp / f"{split}_mask.bin")
+            for name, array in (("mask", mask), ("starts", starts)):
+                if array is not None:
+                    array.tofile(tmp / f"{split}_{name}.bin")
         tokenizer.save_pretrained(tmp / "tokenizer")
-        stats = {**corpus.stats(), "tokens": counts["train"] + counts["val"],
+        counts = {split: len(tokens) for split, (tokens, _, _) in splits.items()}
+        stats = {**stats, "tokens": counts["train"] + counts["val"],
                  "train_tokens": counts["train"], "val_tokens": counts["val"], "vocab_size": len(tokenizer)}
-        manifest = {"version": FORMAT_VERSION, "dtype": dtype, "has_mask": has_mask, "stats": stats,
+        manifest = {"version": FORMAT_VERSION, "dtype": dtype, "has_mask": splits["train"][1] is not None,
+                    "conversations": corpus.conversations, "chat_tokens_added": added, "stats": stats,
                     "label_column": cfg.label_column, "eos_token_id": tokenizer.eos_token_id,
                     "train_tokens": counts["train"], "val_tokens": counts["val"],
                     "data": str(cfg.data), "val_file": cfg.val_file}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log(f"tokenized into {path}")
     return TokenStore.open(path)
+
+
+def encode_conversations(tokenizer, corpus: Corpus, cfg: PrepareConfig) -> tuple[dict, dict]:
+    """Each split's (tokens, mask, starts) and the corpus statistics; refuses a corpus with nothing learned."""
+    bad, splits, unrendered = BadRows(cfg.max_bad_rows, corpus.skipped), {}, 0
+    kept = {}
+    for split, conversations in (("train", corpus.train), ("val", corpus.val)):
+        encoded = chat.encode(tokenizer, conversations, cfg.train_on, bad)
+        splits[split] = encoded.arrays()
+        kept[split], unrendered = encoded.conversations, unrendered + encoded.unrendered_replies
+    if not splits["train"][1].any():
+        why = (f"; the chat template wrote none of its {unrendered} assistant replies out as they are"
+               if unrendered else "")
+        raise PenwrightError(f"{cfg.data}: no token of the training split would be learned{why}; "
+                             "check the corpus with `penwright prepare --show 3`")
+    done = Corpus(kept["train"], kept["val"], corpus.files, corpus.labels, corpus.fingerprint, bad.seen)
+    stats = {**done.stats(), "trained_tokens": int(splits["train"][1].sum()), "train_on": cfg.train_on}
+    return splits, ({**stats, "unrendered_replies": unrendered} if unrendered else stats)
 
 
 def _publish_store(tmp: Path, path: Path) -> None:

@@ -25,11 +25,11 @@ from .batches import Blocks, Evaluator, training_blocks
 from .config import SampleConfig, TrainConfig
 from .devices import autocast, keep_freed_memory, pick_device, pick_dtype
 from .errors import PenwrightError
-from .generate import Writer
+from .generate import Chat, Writer
 from .guards import FiniteGuard, StopFlag, memory_hint
 from .kernels import fuse_gelu, use_cpu_attention
-from .losses import lm_loss
-from .models import context_length, fit_tokenizer, load_model, scratch_model
+from .losses import keeps_packed_apart, lm_loss
+from .models import MAX_DEFAULT_BLOCK, context_length, fit_tokenizer, load_model, scratch_model
 from .runs import RunDir
 from .tokens import TokenStore, prepare
 
@@ -161,7 +161,9 @@ def setup(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log=
     tokenizer = store.tokenizer()
     model = build_model(cfg, tokenizer, device, resume_from)
     settings, cfg = cfg, replace(cfg, block_size=_block_size(cfg, model))
-    blocks = training_blocks(store, cfg, ranks.rank, ranks.world)
+    blocks = training_blocks(store, cfg, ranks.rank, ranks.world, log)
+    if store.conversations:
+        _check_chat_training(cfg, store, model)
     if ranks.main:
         run.create()  # only now that data, model and settings are known to be good
     total = cfg.max_steps or max(1, math.ceil((cfg.epochs or 1.0) * blocks.per_epoch / cfg.grad_accum))
@@ -170,8 +172,9 @@ def setup(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log=
     net = distributed.wrap(model, ranks, device, cfg.fsdp)  # moves the model to the device
     if cfg.fsdp and ranks.world == 1:
         log("--fsdp: a single process has nothing to shard with; training unsharded (start with torchrun or --nproc)")
+    evaluator = Evaluator.over(store, cfg.block_size, dtype, cfg.truncate)
     trainer = Trainer(cfg, settings, ranks, device, dtype, run, store, tokenizer, model, net,
-                      make_optimizer(model, cfg, device), blocks, Evaluator.over(store, cfg.block_size, dtype),
+                      make_optimizer(model, cfg, device), blocks, evaluator,
                       Writer(model, tokenizer, autocast=dtype if dtype != torch.float32 else None, log=log),
                       total, warmup, 0, 0, FiniteGuard(cfg.max_bad_steps, device),
                       torch.compile(lm_loss) if cfg.compile else lm_loss, resume_from, float("nan"))
@@ -202,8 +205,20 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, resume_from: 
     return model
 
 
+def _check_chat_training(cfg: TrainConfig, store: TokenStore, model) -> None:
+    """Refuse what would train conversations wrongly: LoRA with new chat markers it cannot learn, or a model
+    whose attention would let packed conversations read each other."""
+    if cfg.lora and store.manifest.get("chat_tokens_added"):
+        raise PenwrightError(f"--lora cannot learn the chat markers {', '.join(store.manifest['chat_tokens_added'])} "
+                             f"that {cfg.model} lacks (it has no chat template of its own): train every weight, "
+                             "or adapt a chat model")
+    if not keeps_packed_apart(model):
+        raise PenwrightError(f"{cfg.model}: this model's attention ignores restarting positions, so "
+                             "conversations packed together would read each other; it cannot train on them")
+
+
 def _block_size(cfg: TrainConfig, model) -> int:
-    block_size = cfg.block_size or min(context_length(model), 512)
+    block_size = cfg.block_size or min(context_length(model), MAX_DEFAULT_BLOCK)
     if block_size > context_length(model):
         raise PenwrightError(f"--block-size {block_size} exceeds the model's context of {context_length(model)} tokens")
     return block_size
@@ -281,7 +296,7 @@ def fit(t: Trainer, log=print) -> str | None:
             if cfg.eval_every and t.step % cfg.eval_every == 0 and not last:
                 _evaluate(t, bar)
             if cfg.sample_every and t.step % cfg.sample_every == 0 and t.ranks.main and not t.sharded:
-                text = t.writer.samples([None], _sampling(t))[0].text
+                text = t.writer.samples([_sample_prompt(t)], _sampling(t))[0].text
                 t.run.log({"step": t.step, "sample": text})
                 bar.write(f"--- sample at step {t.step} ---\n{text}\n---")
             # Checkpoints: on schedule, at the end, and when asked to stop.
@@ -303,11 +318,11 @@ def train_step(t: Trainer, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(step_seed(cfg.seed, t.ranks.rank, t.step))
     summed = torch.zeros((), device=t.device)
     for micro in range(cfg.grad_accum):
-        x, y = t.blocks.get(t.step * cfg.grad_accum + micro)
+        x, y, positions = (None if a is None else a.to(t.device, non_blocking=True)
+                           for a in t.blocks.get(t.step * cfg.grad_accum + micro))
         with distributed.sync_gradients(t.net, now=micro == cfg.grad_accum - 1):
             with autocast(t.device, t.dtype):
-                loss = t.loss(t.net, x.to(t.device, non_blocking=True), y.to(t.device, non_blocking=True),
-                                 fused=cfg.head_loss == "chunked")
+                loss = t.loss(t.net, x, y, fused=cfg.head_loss == "chunked", positions=positions)
             (loss / cfg.grad_accum).backward()
         summed = summed + loss.detach()
     # With --grad-clip 0 an infinite limit only measures the norm, which the guard needs.
@@ -373,6 +388,18 @@ def _progress_bar(t: Trainer):
                 mininterval=0.5 if sys.stderr.isatty() else 30, disable=not t.ranks.main)
 
 
+def _sample_prompt(t: Trainer) -> Chat | None:
+    """What samples start from: nothing for plain text; for conversations, the first validation (else
+    training) conversation up to its first reply, which the sample then writes."""
+    if not t.store.conversations or t.cfg.train_on == "all":  # with all, no reply to find
+        return None
+    split = "val" if t.store.manifest["val_tokens"] else "train"
+    start, end = t.store.starts(split)[:2]
+    reply = int(np.argmax(t.store.mask(split)[start:end]))  # the first learned token
+    prompt = t.store.tokens(split)[start:start + reply].tolist()
+    return Chat(t.tokenizer.decode(prompt, skip_special_tokens=False))
+
+
 def _sampling(t: Trainer) -> SampleConfig:
     return SampleConfig(max_new_tokens=t.cfg.sample_length, seed=t.cfg.seed)
 
@@ -388,7 +415,7 @@ def finish(t: Trainer, log=print) -> Path:
         writer = Writer(model, t.tokenizer, autocast=writer.autocast, log=log)
     after = t.evaluator.loss(model)
     t.run.log({"step": t.step, "val_loss": after, "val_ppl": _ppl(after)})
-    samples = [s.text for s in writer.samples([None], replace(_sampling(t), num_samples=3))]
+    samples = [s.text for s in writer.samples([_sample_prompt(t)], replace(_sampling(t), num_samples=3))]
     checkpoint.publish_model(t.run.path, model, t.tokenizer)
     results = {"validation loss": f"{after:.4f}", "validation perplexity": f"{_ppl(after):.2f}",
                "validation perplexity before training": f"{_ppl(t.before):.2f}"}

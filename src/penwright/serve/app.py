@@ -57,7 +57,7 @@ def as_api_error(e: Exception) -> ApiError:
 def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
     if not cfg.model:
         raise PenwrightError("no model given: pass --model runs/NAME (repeatable; --model NAME=PATH names it)")
-    # transformers' engine: chat templates and token counts use its tokenizer
+    # transformers' engine: token counts use its tokenizer
     return {name: load(path, cfg.precision, cfg.device, log=log, engine="hf") for name, path in cfg.models().items()}
 
 
@@ -135,15 +135,15 @@ class Server:
         return sampling
 
     def chat_prompt(self, name: str, writer: Writer, body: ChatRequest) -> str:
-        """The conversation rendered with the model's own chat template, ready for the reply."""
-        if not writer.tokenizer.chat_template:
+        """The conversation rendered with the run's chat template, ready for the reply (which the writer
+        ends at the template's end-of-turn token)."""
+        if not writer.template:
             raise ApiError(400, f"the model {name!r} has no chat template, so it cannot chat; "
                                 "use /v1/completions with a prompt instead", param="model", code="chat_not_supported")
         try:
-            return writer.tokenizer.apply_chat_template([m.model_dump() for m in body.messages],
-                                                        tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 (a template may refuse these messages, e.g. roles out of order)
-            raise ApiError(400, f"messages: the model's chat template refused them ({e})", param="messages") from None
+            return writer.render([m.model_dump() for m in body.messages])
+        except PenwrightError as e:  # a template may refuse these messages, e.g. roles out of order
+            raise ApiError(400, f"messages: {e}", param="messages") from None
 
     async def events(self, job: Job, deadline: float, request: Request | None = None):
         """The job's events until it finishes; leaving early (timeout, or `request`'s client gone) cancels it."""
@@ -187,7 +187,7 @@ class Server:
     def models(self) -> dict:
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": self.started, "owned_by": "penwright",
-             "labels": sorted(writer.labels), "chat": bool(writer.tokenizer.chat_template),
+             "labels": sorted(writer.labels), "chat": bool(writer.template),
              "context_length": writer.context} for name, writer in self.writers.items()]}
 
     def health(self) -> dict:

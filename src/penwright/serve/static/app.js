@@ -1,5 +1,5 @@
 // The page talks to the same OpenAI-compatible API as any other client: /v1/models and a
-// streamed /v1/completions, read as server-sent events.
+// streamed /v1/completions (or, in chat mode, /v1/chat/completions), read as server-sent events.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -7,6 +7,8 @@ const sliders = ["temperature", "top_p", "top_k", "max_tokens"];
 const output = $("output");
 let models = [];
 let running = null; // the AbortController of the generation under way
+let mode = "write"; // or "chat", for models with a chat template
+let chat = []; // the conversation so far: {role, content}
 
 function say(message, error = false) {
   $("status").textContent = message;
@@ -40,11 +42,14 @@ async function start() {
   $("key-box").hidden = !health.auth;
   $("key").addEventListener("change", loadModels);
   $("model").addEventListener("change", showLabels);
-  $("generate").addEventListener("click", generate);
+  $("generate").addEventListener("click", () => (mode === "chat" ? send() : generate()));
   $("stop").addEventListener("click", () => running?.abort());
-  $("copy").addEventListener("click", () => copy(output.textContent, $("copy")));
+  $("copy").addEventListener("click", () => copy(mode === "chat" ? transcriptText() : output.textContent, $("copy")));
+  $("mode-write").addEventListener("click", () => setMode("write"));
+  $("mode-chat").addEventListener("click", () => setMode("chat"));
+  $("new-chat").addEventListener("click", newChat);
   $("prompt").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) generate();
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("generate").click();
   });
   await loadModels();
 }
@@ -64,7 +69,23 @@ function showLabels() {
   const model = models.find((m) => m.id === $("model").value);
   const labels = model ? model.labels : [];
   $("label").replaceChildren(new Option("any", ""), ...labels.map((l) => new Option(l, l)));
-  $("label").disabled = labels.length === 0;
+  $("label").disabled = labels.length === 0 || mode === "chat";
+  $("modes").hidden = !model?.chat;
+  if (!model?.chat) setMode("write");
+}
+
+function setMode(next) {
+  mode = next;
+  const chatting = mode === "chat";
+  $("mode-write").setAttribute("aria-pressed", String(!chatting));
+  $("mode-chat").setAttribute("aria-pressed", String(chatting));
+  $("chat-box").hidden = !chatting;
+  $("new-chat").hidden = !chatting;
+  output.hidden = chatting;
+  $("history-box").hidden = chatting || !$("history").children.length;
+  $("generate").textContent = chatting ? "Send" : "Generate";
+  $("prompt").placeholder = chatting ? "Write a message, then press Send…" : "Begin your text here, then press Generate…";
+  $("label").disabled = chatting || $("label").options.length <= 1;
 }
 
 function request(prompt) {
@@ -74,23 +95,62 @@ function request(prompt) {
   return body;
 }
 
+// Chat mode: the whole conversation goes with each message; the reply streams into the transcript.
+async function send() {
+  const text = $("prompt").value.trim();
+  if (running || !text) return;
+  $("prompt").value = "";
+  chat.push({ role: "user", content: text });
+  addTurn("user", text);
+  const reply = addTurn("assistant", "");
+  const { prompt, label, ...body } = request(null);
+  const system = $("system").value.trim();
+  body.messages = [...(system ? [{ role: "system", content: system }] : []), ...chat];
+  reply.classList.add("writing");
+  await streamText("/v1/chat/completions", body, (c) => (reply.textContent += c.delta?.content ?? ""));
+  reply.classList.remove("writing");
+  if (reply.textContent) chat.push({ role: "assistant", content: reply.textContent });
+}
+
+function addTurn(role, text) {
+  const item = document.createElement("li");
+  item.className = role;
+  item.textContent = text;
+  $("transcript").append(item);
+  return item;
+}
+
+function newChat() {
+  if (running) running.abort();
+  chat = [];
+  $("transcript").replaceChildren();
+}
+
+function transcriptText() {
+  return chat.map((m) => `${m.role}: ${m.content}`).join("\n\n");
+}
+
 async function generate() {
   if (running) return;
   const prompt = $("prompt").value;
   const continuation = output.querySelector(".continuation");
   output.querySelector(".prompt").textContent = prompt;
   continuation.textContent = "";
+  const settings = request(prompt);
+  await streamText("/v1/completions", settings, (c) => (continuation.textContent += c.text ?? ""));
+  remember(prompt, continuation.textContent, settings);
+}
+
+// POST `body` to `path` as a stream, handing each event's choice to `add`, and say how it ended.
+async function streamText(path, body, add) {
   running = new AbortController();
   busy(true);
   say("writing…");
-  const settings = request(prompt);
   try {
-    const response = await api("/v1/completions", {
-      method: "POST", body: JSON.stringify(settings), signal: running.signal,
-    });
+    const response = await api(path, { method: "POST", body: JSON.stringify(body), signal: running.signal });
     for await (const event of serverEvents(response)) {
       if (event.error) throw new Error(event.error.message);
-      continuation.textContent += event.choices[0].text;
+      add(event.choices[0] ?? {});
     }
     say("done");
   } catch (e) {
@@ -98,7 +158,6 @@ async function generate() {
   } finally {
     running = null;
     busy(false);
-    remember(prompt, continuation.textContent, settings);
   }
 }
 
