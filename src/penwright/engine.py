@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import json
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,8 @@ class Model(nn.Module):
         return self.norm(x)
 
 
-def build(path: Path, model: Model, weights: Callable[[dict], dict], dtype: torch.dtype, int8: bool) -> Model:
+def build(path: Path, model: Model, weights: Callable[[dict], dict], dtype: torch.dtype,
+          int8: bool) -> Model:
     """`model` with the folder's weights, as `weights` renames them for it; int8 and `dtype` after."""
     try:
         model.load_state_dict(weights({k: v.float() for k, v in read_weights(path).items()}), assign=True)
@@ -203,7 +205,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, layer:
         if step.scatter is not None:
             q = q.new_zeros((k.size(0), *q.shape[1:])).index_copy_(0, step.scatter, q)
     mask, causal = step.mask(window)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=k.size(1) != q.size(1))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                       enable_gqa=k.size(1) != q.size(1))
     if step.scatter is not None:
         y = y[step.scatter]
     return y.to(dtype)
@@ -244,7 +247,8 @@ class Cache:
     def free(self, slot: int) -> None:
         bisect.insort(self.idle, slot)
 
-    def prefill(self, slot: int, ids: Sequence[int], chunk: int | None = None) -> Iterator[torch.Tensor | None]:
+    def prefill(self, slot: int, ids: Sequence[int], chunk: int | None = None
+                ) -> Iterator[torch.Tensor | None]:
         """Feed a prompt into `slot`, `chunk` tokens at a time (all at once by default), after what
         it holds. Yields once per chunk: None, then the logits of the next token (vocab,) after the
         last chunk. A scheduler advances it a chunk per step; `last(cache.prefill(...))` runs it whole."""
@@ -259,7 +263,7 @@ class Cache:
             yield logits[0] if end else None
 
     def decode(self, slots: Sequence[int], ids: torch.Tensor) -> torch.Tensor:
-        """Feed one token to each of `slots` (rows at any lengths); the next token's logits (len(slots), vocab)."""
+        """Feed one token to each of `slots` (rows at any lengths); next-token logits (len(slots), vocab)."""
         return self._feed(slots, ids.view(-1, 1))
 
     def fork(self, source: int, target: int) -> None:
@@ -292,10 +296,7 @@ class Cache:
 
 def last(iterator: Iterator):
     """The last value an iterator yields (a whole `Cache.prefill`)."""
-    value = None
-    for value in iterator:
-        pass
-    return value
+    return deque(iterator, maxlen=1).pop()
 
 
 class Stepper:
@@ -307,7 +308,7 @@ class Stepper:
         self.model = model
 
     def first(self, prompts: list[list[int]], steps: int) -> torch.Tensor:
-        """Prefill `prompts`, with room for `steps` new tokens each; logits for the next token (B, vocab)."""
+        """Prefill `prompts` with room for `steps` new tokens each; logits for the next token (B, vocab)."""
         self.cache = Cache(self.model, len(prompts), max(map(len, prompts)) + steps)
         self.slots = [self.cache.reserve() for _ in prompts]
         done: dict[tuple, tuple[int, torch.Tensor]] = {}  # prompt -> its slot and logits

@@ -148,7 +148,7 @@ class Writer:
         width = max(map(len, prompts))
         seen = torch.tensor([[-1] * (width - len(p)) + p for p in prompts], device=self.device)  # -1: no token
         done = [False] * len(prompts)
-        texts = [[] for _ in prompts]
+        texts, ids = [[] for _ in prompts], None
         was_training = model.training
         model.eval()
         try:

@@ -43,14 +43,14 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> LlamaConfig:
-        heads, layers = hf["num_attention_heads"], hf["num_hidden_layers"]
-        qwen2 = hf["model_type"] == "qwen2"
-        bias = hf.get("attention_bias", False)
-        return cls(hf["vocab_size"], hf.get("max_position_embeddings", 2048), hf["hidden_size"], layers, heads,
-                   hf.get("num_key_value_heads") or heads, hf.get("head_dim") or hf["hidden_size"] // heads,
-                   hf["intermediate_size"], hf.get("rms_norm_eps", 1e-6), hf.get("tie_word_embeddings", False),
-                   qkv_bias=bias or qwen2, o_bias=bias, mlp_bias=hf.get("mlp_bias", False),
-                   windows=_windows(hf, layers), rope=rope_parameters(hf))
+        heads, layers, hidden = hf["num_attention_heads"], hf["num_hidden_layers"], hf["hidden_size"]
+        bias = hf.get("attention_bias", False)  # Qwen2 always has query/key/value biases
+        return cls(vocab_size=hf["vocab_size"], context=hf.get("max_position_embeddings", 2048),
+                   hidden=hidden, layers=layers, heads=heads, kv_heads=hf.get("num_key_value_heads") or heads,
+                   head_dim=hf.get("head_dim") or hidden // heads, intermediate=hf["intermediate_size"],
+                   eps=hf.get("rms_norm_eps", 1e-6), tied=hf.get("tie_word_embeddings", False),
+                   qkv_bias=bias or hf["model_type"] == "qwen2", o_bias=bias,
+                   mlp_bias=hf.get("mlp_bias", False), windows=_windows(hf, layers), rope=rope_parameters(hf))
 
     @property
     def shape(self) -> Shape:
@@ -65,8 +65,8 @@ def _windows(hf: dict, layers: int) -> list:
         return [window] * layers
     if hf["model_type"] != "qwen2" or not hf.get("use_sliding_window") or window is None:
         return [None] * layers
-    kinds = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full"
-                                      for i in range(layers)]
+    first = hf.get("max_window_layers", 28)
+    kinds = hf.get("layer_types") or ["sliding_attention" if i >= first else "full" for i in range(layers)]
     return [window if kind == "sliding_attention" else None for kind in kinds]
 
 
@@ -82,15 +82,18 @@ def rope_parameters(hf: dict) -> dict:
 def unsupported(hf: dict) -> str | None:
     """Why the engine cannot run the model of config `hf`, or None when it can."""
     rope = rope_parameters(hf)
-    heads, kv = hf.get("num_attention_heads", 0), hf.get("num_key_value_heads") or hf.get("num_attention_heads")
+    heads = hf.get("num_attention_heads", 0)
+    kv = hf.get("num_key_value_heads") or heads
+    shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     checks = {
-        "config.json lacks Llama shape fields": all(k in hf for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                                       "num_hidden_layers", "num_attention_heads")),
-        f"hidden_act {hf.get('hidden_act')!r} is not implemented (silu is)": hf.get("hidden_act", "silu") == "silu",
-        f"rope_type {rope['rope_type']!r} is not implemented ({', '.join(ROPE)} are)": rope["rope_type"] in ROPE,
+        "config.json lacks Llama shape fields": all(k in hf for k in shape),
+        f"hidden_act {hf.get('hidden_act')!r} is not implemented (silu is)":
+            hf.get("hidden_act", "silu") == "silu",
+        f"rope_type {rope['rope_type']!r} is not implemented ({', '.join(ROPE)} are)":
+            rope["rope_type"] in ROPE,
         "partial rotary embeddings (partial_rotary_factor) are not implemented":
             rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0)) == 1.0,
-        "the attention heads do not divide into the key/value heads": heads > 0 and kv and heads % kv == 0,
+        "the attention heads do not divide into the key/value heads": heads > 0 and heads % kv == 0,
         "quantized checkpoints (quantization_config) are not read": "quantization_config" not in hf,
     }
     return next((reason for reason, ok in checks.items() if not ok), None)
@@ -120,8 +123,8 @@ class Rope:
             seq = positions.amax(-1, keepdim=True).float() + 1  # (B, 1)
             if (seq > self.context).any():
                 factor = self.rope["factor"]
-                stretch = (factor * seq / self.context - (factor - 1)).clamp(min=1) ** (self.dim / (self.dim - 2))
-                inv_freq = self._plain(self.theta * stretch)
+                stretch = (factor * seq / self.context - (factor - 1)).clamp(min=1)
+                inv_freq = self._plain(self.theta * stretch ** (self.dim / (self.dim - 2)))
         freqs = positions[..., None].float() * inv_freq[:, None, :]
         angles = torch.cat((freqs, freqs), dim=-1)[:, None]
         return (angles.cos() * self.scaling).to(dtype), (angles.sin() * self.scaling).to(dtype)
@@ -136,7 +139,8 @@ class Rope:
 
     def _llama3(self) -> torch.Tensor:
         r, inv_freq = self.rope, self._plain(self.theta)
-        factor, low, high, old = r["factor"], r["low_freq_factor"], r["high_freq_factor"], r["original_max_position_embeddings"]
+        factor, low, high = r["factor"], r["low_freq_factor"], r["high_freq_factor"]
+        old = r["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
         smooth = (old / wavelen - low) / (high - low)
@@ -197,7 +201,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x).split(self.split, dim=-1))
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for t in self.qkv(x).split(self.split, dim=-1))
         cos, sin = step.rope
         y = attend(rotate(q, cos, sin), rotate(k, cos, sin), v, step, self.layer, self.window)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -261,7 +266,8 @@ def _weights(stored: dict[str, torch.Tensor], c: LlamaConfig) -> dict[str, torch
                 state[f"{attn}qkv.{part}"] = torch.cat([state.pop(f"{attn}{x}_proj.{part}") for x in "qkv"])
         for part, present in (("weight", True), ("bias", c.mlp_bias)):
             if present:
-                state[f"{mlp}gate_up.{part}"] = torch.cat([state.pop(f"{mlp}{x}_proj.{part}") for x in ("gate", "up")])
+                pair = [state.pop(f"{mlp}{x}_proj.{part}") for x in ("gate", "up")]
+                state[f"{mlp}gate_up.{part}"] = torch.cat(pair)
     if c.tied:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     return state

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Rows beyond which one matmul by the dequantized weight beats the int8 kernel (GPT-2 124M's
-# layers, 2 cores: the crossing was at 32-64 rows with AVX2 kernels, 32-128 with AVX-512).
-FEW_ROWS = 32
+# Rows beyond which one matmul by the dequantized weight beats the int8 kernel, by compute dtype
+# (GPT-2 124M's layers on 2 cores: in bf16 with native bf16 from about 32 rows; in fp32 from 64
+# with AVX2 kernels and from 128 with AVX-512).
+FEW_ROWS = {torch.bfloat16: 32, torch.float32: 64}
 # The kernel's AVX-512 path reads each row in blocks of 16 and, for other widths, returns garbage or
 # crashes (torch 2.13): layers of other input widths stay as they are.
 IN_MULTIPLE = 16
@@ -40,7 +41,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat, scale = x.reshape(-1, x.shape[-1]), self.scale_bits.view(torch.bfloat16)
-        if flat.shape[0] > FEW_ROWS:
+        if flat.shape[0] > FEW_ROWS.get(x.dtype, 32):
             out = F.linear(flat, self.weight.to(x.dtype) * scale.to(x.dtype)[:, None])
         else:
             out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, scale).to(x.dtype)
