@@ -8,6 +8,11 @@ slower than an fp32 matmul), so the few rows of a decode step go to it as bf16, 
 inside it and come back in the model's dtype: everything around the layer (norms, attention,
 residuals, the KV cache) keeps that dtype. The kernel's time grows with the rows, so a prefill of
 many rows multiplies by the dequantized weight instead, which a CPU's matmul does faster.
+
+A row's scale is set by its largest weight, and one input column of outsized weights coarsens
+every row: each layer keeps that column exact, beside the int8 rows. On SmolLM2-135M this cut
+int8's perplexity cost from +1.2% to +0.8% of fp32's (16 windows of tinyshakespeare), for one
+more elementwise op per layer.
 See benchmarks/RESULTS.md for the speeds and for perplexity and greedy-token agreement against fp32.
 """
 
@@ -27,13 +32,17 @@ IN_MULTIPLE = 16
 
 
 class Int8Linear(nn.Module):
-    """`x @ weight.T + bias` with `weight` stored as int8 rows and one scale per row."""
+    """`x @ weight.T + bias` with `weight` stored as int8 rows and one scale per row, less its input
+    column of largest magnitude, which is kept exact in the compute dtype beside it."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype):
         super().__init__()
         weight = weight.detach().float()
-        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127
-        self.register_buffer("weight", (weight / scale[:, None]).round().to(torch.int8).contiguous())
+        self.column = int(weight.abs().amax(dim=0).argmax())
+        self.register_buffer("exact", weight[:, self.column].to(dtype))
+        weight = weight.index_fill(1, torch.tensor([self.column]), 0)
+        scale = torch.linalg.vector_norm(weight, ord=float("inf"), dim=1).clamp(min=1e-8) / 127  # absmax
+        self.register_buffer("weight", torch.div(weight, scale[:, None]).round_().to(torch.int8).contiguous())
         # The kernel takes scales in its input's dtype, bf16. They are kept as their bits (int16), so
         # that `model.to(dtype)`, which converts every floating-point tensor, leaves them bf16.
         self.register_buffer("scale_bits", scale.to(torch.bfloat16).view(torch.int16))
@@ -45,8 +54,9 @@ class Int8Linear(nn.Module):
             out = F.linear(flat, self.weight.to(x.dtype) * scale.to(x.dtype)[:, None])
         else:
             out = torch._weight_int8pack_mm(flat.to(torch.bfloat16), self.weight, scale).to(x.dtype)
+        out.addcmul_(flat[:, self.column:self.column + 1], self.exact)  # the exact column's share
         if self.bias is not None:
-            out = out + self.bias
+            out += self.bias
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
