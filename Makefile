@@ -37,8 +37,9 @@ lint: $(STAMP)
 browser:
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
-# penwright against HF Trainer, pipeline and datasets on this machine (~15 min on 2 CPU cores;
-# BENCH_ARGS=--quick for a smoke run); writes benchmarks/results/cpu.json and RESULTS.md; then the serving load test.
+# penwright against HF Trainer, pipeline and datasets on this machine (~20 min on 2 CPU cores;
+# BENCH_ARGS=--quick for a smoke run); writes benchmarks/results/cpu-<isa>.json (or gpu.json) and
+# that machine's section of RESULTS.md; then the serving load test.
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench.py $(BENCH_ARGS)
 	$(MAKE) bench-serve

@@ -1,4 +1,11 @@
-"""penwright's own GPT-2 (gpt2.py): the same numbers and text as transformers, and no transformers import."""
+"""penwright's own engine (engine.py, gpt2.py, llama.py): the same numbers and text as transformers
+for each family, and no transformers import.
+
+GPT-2 is the tiny run trained once per session; the Llama family are tiny random models built here
+with transformers' own config classes and saved with save_pretrained, one per feature: grouped-query
+attention with a tied head, Qwen2's biases and sliding window, Mistral's sliding window, and each
+rope_scaling type the engine implements.
+"""
 
 import json
 import os
@@ -9,98 +16,162 @@ import sys
 import pytest
 import torch
 
-from penwright import PenwrightError, gpt2, load
+from penwright import PenwrightError, load
 from penwright.cli import main
 from penwright.config import SampleConfig
+from penwright.engine import Cache, Model, Stepper, last
+from penwright.generate import HFStepper, engine_family
 from penwright.tokens import TextTokenizer
 
 quiet = dict(log=lambda *_: None)
 PROMPTS = ["The storm", "A quiet village where nobody ever locked a door until the night", "Her"]
+SHAPE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+LLAMAS = {  # name -> transformers config class, settings beyond SHAPE
+    "llama": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=6, max_window_layers=1)),
+    "mistral": ("MistralConfig", dict(sliding_window=6)),
+    "rope-linear": ("LlamaConfig", dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=500.0))),
+    # dynamic NTK stretches past 16 positions, which the 30-token tests cross
+    "rope-dynamic": ("LlamaConfig", dict(max_position_embeddings=16,
+                                         rope_parameters=dict(rope_type="dynamic", factor=2.0, rope_theta=1e4))),
+    "rope-llama3": ("LlamaConfig", dict(rope_parameters=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=8, rope_theta=1e4))),
+    "rope-yarn": ("LlamaConfig", dict(max_position_embeddings=64, rope_parameters=dict(
+        rope_type="yarn", factor=4.0, original_max_position_embeddings=16, rope_theta=1e4))),
+}
+FAMILIES = ["gpt2", *LLAMAS]
 
 
-@pytest.fixture(scope="module")
-def engines(tiny_run):
-    return {name: load(str(tiny_run), precision="fp32", engine=name, **quiet) for name in ("penwright", "hf")}
+@pytest.fixture(scope="session")
+def llama_dirs(tmp_path_factory, tiny_base):
+    """Each Llama-family model of LLAMAS as an HF folder, with tiny_base's tokenizer."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_base)
+    root, dirs = tmp_path_factory.mktemp("llamas"), {}
+    for name, (config_class, settings) in LLAMAS.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_class)(vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                                                     bos_token_id=tokenizer.eos_token_id, **{**SHAPE, **settings})
+        dirs[name] = root / name
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(dirs[name])
+        tokenizer.save_pretrained(dirs[name])
+    return dirs
 
 
-def padded(writer, prompts):
-    """Token ids left-padded to one width, and the padding mask, as Writer._decode builds them."""
-    ids = [[writer.tokenizer.eos_token_id] + writer.tokenizer.encode(p) for p in prompts]
-    width = max(map(len, ids))
-    return (torch.tensor([[0] * (width - len(r)) + r for r in ids]),
-            torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in ids]))
+@pytest.fixture(scope="session")
+def folders(tiny_run, llama_dirs):
+    return {"gpt2": tiny_run, **llama_dirs}
 
 
-def test_auto_picks_penwright_for_a_run_dir_and_its_own_tokenizer(engines, tiny_run):
-    writer = load(str(tiny_run), precision="fp32", **quiet)
-    assert isinstance(writer.model, gpt2.GPT) and isinstance(writer.tokenizer, TextTokenizer)
-    assert not isinstance(engines["hf"].model, gpt2.GPT)
-    light, hf = engines["penwright"].tokenizer, engines["hf"].tokenizer
+WRITERS = {}
+
+
+def writer(folders, name: str, engine: str):
+    """One writer per model and engine for the whole session (loading costs more than the tests)."""
+    if (name, engine) not in WRITERS:
+        WRITERS[name, engine] = load(str(folders[name]), precision="fp32", engine=engine, **quiet)
+    return WRITERS[name, engine]
+
+
+def prompts_for(name: str) -> list[str]:
+    # transformers stretches dynamic NTK by the furthest row of a batch, penwright by each row's own
+    # furthest position (so a row writes the same alone as in a batch): compare one row there.
+    return PROMPTS[1:2] if name == "rope-dynamic" else PROMPTS
+
+
+def encoded(w, prompts):
+    return [[w.tokenizer.eos_token_id] + w.tokenizer.encode(p) for p in prompts]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_auto_picks_penwright_and_its_light_tokenizer_matches_transformers(folders, name):
+    ours, hf = writer(folders, name, "auto"), writer(folders, name, "hf")
+    assert isinstance(ours.model, Model) and isinstance(ours.tokenizer, TextTokenizer)
+    assert not isinstance(hf.model, Model)
+    light, theirs = ours.tokenizer, hf.tokenizer
     text = "Once, in a <|genre=horror|> house, caf\u00e9 lights\n\n flickered.<|endoftext|>"
-    assert light.encode(text) == hf.encode(text, add_special_tokens=False)
+    assert light.encode(text) == theirs.encode(text, add_special_tokens=False)
     ids = light.encode(text)
-    assert light.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
-    assert (light.eos_token_id, light.pad_token_id, len(light)) == (hf.eos_token_id, hf.pad_token_id, len(hf))
-    assert light.get_added_vocab() == hf.get_added_vocab()
+    assert light.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
+    assert (light.eos_token_id, light.pad_token_id) == (theirs.eos_token_id, theirs.pad_token_id)
+    assert len(light) == len(theirs)
+    assert light.get_added_vocab() == theirs.get_added_vocab()
+    assert ours.context == hf.context
 
 
-def test_logits_match_transformers_for_prefill_and_20_decode_steps(engines):
-    """Left-padded prompts of different lengths: per-row positions and padding mask, as HF does."""
-    from penwright.generate import HFStepper
-
-    ids, mask = padded(engines["hf"], PROMPTS)
-    ours, theirs = gpt2.Stepper(engines["penwright"].model), HFStepper(engines["hf"].model, None)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_match_transformers_for_prefill_and_20_decode_steps(folders, name):
+    """Prompts of different lengths: transformers left-pads them, penwright gives each its own slot."""
+    ours, hf = writer(folders, name, "penwright"), writer(folders, name, "hf")
+    prompts = encoded(hf, prompts_for(name))
+    a_step, b_step = Stepper(ours.model), HFStepper(hf.model, None)
     with torch.inference_mode():
-        a, b = ours.first(ids, mask, 20), theirs.first(ids, mask, 20)
+        a, b = a_step.first(prompts, 20), b_step.first(prompts, 20)
         assert (a - b).abs().max() < 1e-4
         for _ in range(20):
             token = b.argmax(-1, keepdim=True)
-            a, b = ours.next(token), theirs.next(token)
+            a, b = a_step.next(token), b_step.next(token)
             assert (a - b).abs().max() < 1e-4
-        whole = ids[1:, -4:]  # rows without padding: the full-sequence forward
-        assert (engines["penwright"].model(whole) - engines["hf"].model(whole).logits).abs().max() < 1e-4
+        whole = torch.tensor([p[:2] for p in prompts])  # the cacheless forward on whole rows
+        assert (ours.model(whole) - hf.model(whole).logits).abs().max() < 1e-4
 
 
-def test_greedy_text_is_the_same_as_transformers_for_a_padded_batch(engines):
+@pytest.mark.parametrize("name", FAMILIES)
+def test_greedy_text_is_transformers_and_a_row_writes_the_same_alone(folders, name):
     cfg = SampleConfig(greedy=True, max_new_tokens=30, batch_size=len(PROMPTS))
-    ours, theirs = (engines[name].samples(PROMPTS, cfg) for name in ("penwright", "hf"))
-    assert [s.text for s in ours] == [s.text for s in theirs]
-    alone = [engines["penwright"].samples([p], cfg)[0].text for p in PROMPTS]
-    assert alone == [s.text for s in ours], "padding never changes a row's text"
+    ours = writer(folders, name, "penwright")
+    theirs = writer(folders, name, "hf").samples(prompts_for(name), cfg)
+    assert [s.text for s in ours.samples(prompts_for(name), cfg)] == [s.text for s in theirs]
+    batch = [s.text for s in ours.samples(PROMPTS, cfg)]
+    assert [ours.samples([p], cfg)[0].text for p in PROMPTS] == batch, "the batch never changes a row's text"
 
 
-def test_seeded_samples_repeat_and_labels_condition_through_the_light_tokenizer(engines):
-    writer = engines["penwright"]
+def test_seeded_samples_repeat_and_labels_condition_through_the_light_tokenizer(folders):
+    w = writer(folders, "gpt2", "penwright")
     settings = dict(seed=7, max_new_tokens=20, num_samples=3, top_k=40, top_p=0.9)
-    first = writer.generate("The night", **settings)
-    assert first == writer.generate("The night", **settings) and len(set(first)) > 1
-    assert first != writer.generate("The night", **{**settings, "seed": 8})
+    first = w.generate("The night", **settings)
+    assert first == w.generate("The night", **settings) and len(set(first)) > 1
+    assert first != w.generate("The night", **{**settings, "seed": 8})
     horror = dict(label="horror", seed=3, max_new_tokens=20, num_samples=2)
-    assert writer.generate(None, **horror) == engines["hf"].generate(None, **horror)
+    assert w.generate(None, **horror) == writer(folders, "gpt2", "hf").generate(None, **horror)
     with pytest.raises(PenwrightError, match="unknown label 'western'"):
-        writer.generate(None, label="western")
+        w.generate(None, label="western")
 
 
-def greedy_tokens(writer, prompts: list[str], steps: int = 24) -> list[list[int]]:
+def greedy_tokens(w, prompts: list[str], steps: int = 24) -> list[list[int]]:
     rows = [[] for _ in prompts]
-    ids = [[writer.tokenizer.eos_token_id] + writer.tokenizer.encode(p) for p in prompts]
-    for step in writer._decode(ids, SampleConfig(greedy=True, max_new_tokens=steps), writer._generator(0)):
+    for step in w._decode(encoded(w, prompts), SampleConfig(greedy=True, max_new_tokens=steps), w._generator(0)):
         for row, token in step.items():
             rows[row].append(token)
     return rows
 
 
-def test_int8_writes_nearly_the_same_greedy_tokens(tiny_run, engines):
-    int8 = load(str(tiny_run), precision="bf16", quantize="int8", engine="penwright", **quiet)
-    assert type(int8.model.h[0].attn.c_attn).__name__ == "Int8Linear"
-    got, want = greedy_tokens(int8, PROMPTS), greedy_tokens(engines["penwright"], PROMPTS)
+def test_int8_writes_nearly_the_greedy_tokens_of_fp32(folders, cpu_path):
+    int8 = load(str(folders["gpt2"]), precision="auto", quantize="int8", engine="penwright", **quiet)
+    assert type(int8.model.layers[0].attn.c_attn).__name__ == "Int8Linear"
+    got, want = greedy_tokens(int8, PROMPTS), greedy_tokens(writer(folders, "gpt2", "penwright"), PROMPTS)
     same = sum(a == b for x, y in zip(got, want) for a, b in zip(x, y))
     assert same >= 0.75 * sum(map(len, want))
 
 
-def test_generate_never_imports_transformers(tiny_run):
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_int8_llama_logits_stay_close_to_fp32(folders, name):
+    """Random weights give near-flat scores, where any rounding flips greedy tokens: compare logits."""
+    int8 = load(str(folders[name]), precision="fp32", quantize="int8", engine="penwright", **quiet)
+    assert {type(int8.model.layers[0].self_attn.qkv).__name__, type(int8.model.lm_head).__name__} == {"Int8Linear"}
+    prompts = encoded(int8, PROMPTS)
+    with torch.inference_mode():
+        a = Stepper(int8.model).first(prompts, 1)
+        b = Stepper(writer(folders, name, "penwright").model).first(prompts, 1)
+    assert (a - b).norm() < 0.02 * b.norm()
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_never_imports_transformers(folders, name):
     code = ("import sys; from penwright.cli import main; "
-            f"rc = main(['generate', '--model', {str(tiny_run)!r}, '--prompt', 'The night', '--label', 'horror', "
+            f"rc = main(['generate', '--model', {str(folders[name])!r}, '--prompt', 'The night', "
             "'--max-new-tokens', '8', '--seed', '1']); "
             "print('transformers' in sys.modules, rc)")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -110,12 +181,93 @@ def test_generate_never_imports_transformers(tiny_run):
     assert lines[0].startswith("The night") and len(lines[0]) > len("The night")
 
 
-def test_models_it_does_not_implement_go_to_transformers_or_get_one_line(tiny_base, tmp_path, capsys):
-    model = tmp_path / "inverse-scaled"
-    shutil.copytree(tiny_base, model)
+def edited(source, tmp_path, **changes):
+    """A copy of the model folder `source` with `changes` made to its config.json."""
+    model = tmp_path / source.name
+    shutil.copytree(source, model)
     config = json.loads((model / "config.json").read_text())
-    (model / "config.json").write_text(json.dumps({**config, "scale_attn_by_inverse_layer_idx": True}))
-    assert not isinstance(load(str(model), precision="fp32", **quiet).model, gpt2.GPT)
+    (model / "config.json").write_text(json.dumps({**config, **changes}))
+    return model
+
+
+@pytest.mark.parametrize("name, changes, reason", [
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx is not implemented"),
+    ("llama", dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, long_factor=[2.0] * 8,
+                                        short_factor=[1.0] * 8, original_max_position_embeddings=1024)),
+     "rope_type 'longrope'"),
+    ("llama", dict(hidden_act="gelu"), "hidden_act 'gelu' is not implemented"),
+    ("llama", dict(model_type="gemma"), "model_type 'gemma' is not one it runs (gpt2, llama, mistral, qwen2)"),
+])
+def test_models_it_does_not_implement_get_transformers_or_one_line(folders, tmp_path, capsys, name, changes, reason):
+    model = edited(folders[name], tmp_path, **changes)
+    assert reason.split(" (")[0] in engine_family(str(model))[1]
+    if "model_type" not in changes:  # transformers still runs the others
+        assert not isinstance(load(str(model), precision="fp32", **quiet).model, Model)
     assert main(["generate", "--model", str(model), "--engine", "penwright", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "scale_attn_by_inverse_layer_idx" in err[0] and "use --engine hf" in err[0], err
+    assert len(err) == 1 and reason in err[0] and "use --engine hf" in err[0], err
+
+
+def test_sharded_safetensors_load_into_the_engine(folders, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(folders["qwen2"]).save_pretrained(sharded, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(folders["qwen2"] / name, sharded / name)
+    assert (sharded / "model.safetensors.index.json").is_file() and not (sharded / "model.safetensors").exists()
+    w = load(str(sharded), precision="fp32", **quiet)
+    assert isinstance(w.model, Model)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.inference_mode():
+        assert torch.equal(w.model(ids), writer(folders, "qwen2", "penwright").model(ids))
+
+
+# --- the cache's primitives, for a scheduler (continuous batching) ----------------------------------
+
+def alone(model, ids: list[int], more: list[int]) -> list[torch.Tensor]:
+    """The logits after prefilling `ids` into a cache of its own, then after each token of `more`."""
+    cache = Cache(model, 1, 64)
+    slot = cache.reserve()
+    out = [last(cache.prefill(slot, ids))]
+    out += [cache.decode([slot], torch.tensor([t]))[0] for t in more]
+    return out
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mistral"])
+def test_rows_at_different_lengths_decode_together_as_they_would_alone(folders, name):
+    """Chunked prefill (across Mistral's 6-token window), rows in scattered slots, one forked from
+    another, then decode steps over all of them at once, in any order."""
+    model = writer(folders, name, "penwright").model
+    prompts = {0: list(range(5, 19)), 2: [3, 4], 3: list(range(20, 27))}  # slot -> prompt
+    follow = {slot: [40 + 4 * slot + i for i in range(4)] for slot in range(4)}  # tokens fed after it
+    cache = Cache(model, 4, 64)
+    assert [cache.reserve() for _ in range(4)] == [0, 1, 2, 3]
+    cache.free(1)
+    with torch.inference_mode():
+        chunks = list(cache.prefill(0, prompts[0], chunk=5))
+        assert [c is None for c in chunks] == [True, True, False]  # 14 tokens in chunks of 5
+        got = {0: [chunks[-1]], 2: [last(cache.prefill(2, prompts[2]))],
+               3: [last(cache.prefill(3, prompts[3], chunk=3))]}
+        assert cache.reserve() == 1, "the lowest free slot first"
+        cache.fork(2, 1)
+        prompts[1], got[1] = prompts[2], got[2][:]
+        rows = [3, 0, 2, 1]
+        for step in range(4):
+            for slot, logits in zip(rows, cache.decode(rows, torch.tensor([follow[s][step] for s in rows]))):
+                got[slot].append(logits)
+        assert cache.lengths == [len(prompts[s]) + 4 for s in range(4)]
+        for slot in range(4):
+            want = alone(model, prompts[slot], follow[slot])
+            assert all((a - b).abs().max() < 1e-4 for a, b in zip(got[slot], want)), slot
+
+
+def test_a_full_cache_says_so_and_a_freed_slot_is_reused(folders):
+    cache = Cache(writer(folders, "llama", "penwright").model, 2, 8)
+    a, b = cache.reserve(), cache.reserve()
+    with pytest.raises(RuntimeError, match="all 2 cache slots are in use"):
+        cache.reserve()
+    cache.free(a)
+    assert cache.reserve() == a and cache.lengths[a] == 0
+    with pytest.raises(ValueError, match="would hold 9 tokens in a cache of 8"), torch.inference_mode():
+        last(cache.prefill(b, list(range(9))))

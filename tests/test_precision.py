@@ -43,8 +43,33 @@ def test_writing_on_each_cpu_path_agrees_with_fp32(cpu_path, tiny_run):
     quiet = {"log": lambda *_: None, "device": "cpu"}
     fast = load(str(tiny_run), quantize="int8", **quiet)
     plain = load(str(tiny_run), precision="fp32", quantize="none", **quiet)
+    layers = {type(m).__name__ for m in fast.model.modules()} & {"Linear", "Int8Linear"}
+    assert layers == {"Int8Linear"}, "int8 weights on this path too, fp32 compute included"
+    assert next(fast.model.parameters()).dtype == (torch.bfloat16 if cpu_path == "bf16" else torch.float32)
     cfg = SampleConfig(greedy=True, max_new_tokens=24)
     got, want = (w.samples(["The ghost", "A detective", None], cfg) for w in (fast, plain))
     tokens = [(fast.tokenizer.encode(a.text), plain.tokenizer.encode(b.text)) for a, b in zip(got, want)]
     same = sum(x == y for a, b in tokens for x, y in zip(a, b))
     assert same >= 0.75 * sum(len(b) for _, b in tokens)
+
+
+def test_explicit_bf16_on_a_cpu_without_it_warns_once_and_still_runs(monkeypatch):
+    monkeypatch.setenv("PENWRIGHT_CPU_BF16", "0")
+    said = []
+    assert pick_dtype("bf16", torch.device("cpu"), log=said.append) == torch.bfloat16
+    assert len(said) == 1 and "emulated" in said[0] and "slower than fp32" in said[0] and "\n" not in said[0]
+    monkeypatch.setenv("PENWRIGHT_CPU_BF16", "1")
+    assert pick_dtype("bf16", torch.device("cpu"), log=said.append) == torch.bfloat16 and len(said) == 1
+
+
+def test_auto_device_takes_apple_mps_where_present_and_never_its_bf16(monkeypatch):
+    from penwright import PenwrightError, devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(devices, "mps_available", lambda: True)
+    mps = devices.pick_device("auto")
+    assert mps.type == "mps" and devices.pick_dtype("auto", mps) == torch.float32
+    monkeypatch.setattr(devices, "mps_available", lambda: False)
+    assert devices.pick_device("auto").type == "cpu"
+    with pytest.raises(PenwrightError, match="no Apple GPU"):
+        devices.pick_device("mps")

@@ -107,7 +107,7 @@ class Runtime(Settings):
 
     precision: Precision = opt("auto", "auto (bf16 where the CPU or GPU has it natively), fp32, bf16 "
                                        "or fp16 (CUDA only)")
-    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    device: str = opt("auto", "auto (a CUDA GPU, else Apple's MPS, else the CPU), cpu, cuda, cuda:N or mps")
     allow_pickle: bool = opt(False, "allow loading pickled .bin/.pt weights (they can run code)")
 
 
@@ -296,9 +296,9 @@ class GenerateConfig(Runtime, SampleConfig):
     quantize: Literal["int8", "none"] = opt("int8", "on CPU in bf16, store weights as int8 for faster writing "
                                                     "(text within 1%% perplexity of fp32), or none")
     engine: Literal["auto", "penwright", "hf"] = opt(
-        "auto", "what runs the model: penwright (its own GPT-2, fast to start and to write; local GPT-2 "
-                "folders with model.safetensors and tokenizer.json), hf (transformers: any causal LM, hub "
-                "ids, .gguf, LoRA runs), or auto (penwright where it can, else hf)")
+        "auto", "what runs the model: penwright (its own engine, fast to start and to write; local GPT-2, "
+                "Llama, Mistral and Qwen2 folders with safetensors and tokenizer.json), hf (transformers: "
+                "any causal LM, hub ids, .gguf, LoRA runs), or auto (penwright where it can, else hf)")
 
     def check(self):
         _check(not (self.prompt is not None and self.prompt_file is not None),

@@ -1,13 +1,19 @@
 """Devices and precision: which device `--device` names and which dtype `--precision` computes in;
 the CPU allocator setting for training.
 
-Apart from models.py so that penwright's own GPT-2 (gpt2.py) can pick them without importing transformers.
+`--device auto` takes a CUDA GPU, else Apple's GPU (MPS), else the CPU. On MPS `--precision auto`
+is fp32: its bf16 depends on the macOS version and fp16 needs loss scaling, which penwright does
+not do; int8 writing (quantize.py) and the CPU allocator setting are for the CPU only. No Apple
+machine has run penwright's tests: the MPS path is the device choice alone, and PyTorch's own ops.
+
+Apart from models.py so that penwright's own engine (engine.py) can pick them without importing transformers.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -17,23 +23,40 @@ from .errors import PenwrightError
 
 def pick_device(name: str = "auto") -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if mps_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise PenwrightError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    if name == "mps" and not mps_available():
+        raise PenwrightError("--device mps: no Apple GPU (MPS) is available here; use --device cpu")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise PenwrightError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
+        raise PenwrightError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
 
 
-def pick_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The compute dtype for `--precision`; auto is bf16 where the hardware does it natively."""
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def pick_dtype(precision: str, device: torch.device, log=_stderr) -> torch.dtype:
+    """The compute dtype for `--precision`; auto is bf16 where the hardware does it natively.
+
+    An explicit bf16 on a CPU without it is kept, after a one-line warning through `log`."""
     if precision == "auto":
         precision = "bf16" if bf16_supported(device) else "fp32"
     if precision == "fp16" and device.type != "cuda":
         raise PenwrightError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PenwrightError("this GPU has no bf16; use --precision fp16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        log("warning: this CPU has no native bf16 (AVX512-BF16 or AMX), so --precision bf16 is emulated "
+            "here and many times slower than fp32; use --precision auto or fp32")
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -43,7 +66,7 @@ CPU_BF16 = "PENWRIGHT_CPU_BF16"  # 1 or 0: treat this CPU as having native bf16 
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    return cpu_has_native_bf16()
+    return device.type == "cpu" and cpu_has_native_bf16()
 
 
 def cpu_has_native_bf16() -> bool:

@@ -1,11 +1,11 @@
 """Writing text with a model: sampling, batching, stop strings, sentence trimming, streaming.
 
-`Writer` wraps a model and its tokenizer: any HF causal LM, or penwright's own GPT-2 (gpt2.py).
-One decode loop (`_decode`) serves every use: it prefills the prompts once, then feeds one token
-per step through the KV cache and yields the new tokens, so batch generation, streaming and the
-server share the same code. A stepper per engine (`HFStepper`, `gpt2.Stepper`) hides how a model
-is fed: `first(prompt ids, padding mask, steps)` and `next(new ids)` each return the logits of the
-next token.
+`Writer` wraps a model and its tokenizer: any HF causal LM, or penwright's own engine (engine.py,
+with the GPT-2 and Llama families of gpt2.py and llama.py). One decode loop (`_decode`) serves every
+use: it prefills the prompts once, then feeds one token per step through the KV cache and yields
+the new tokens, so batch generation, streaming and the server share the same code. A stepper per
+engine (`HFStepper`, `engine.Stepper`) hides how a model is fed: `first(prompt ids, steps)` and
+`next(new ids)` each return the logits of the next token.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from . import gpt2
+from . import gpt2, llama
 from .config import SampleConfig
+from .engine import Model, Stepper, folder_problem, read_config
 from .errors import PenwrightError
 
 CONTROL = re.compile(r"^<\|([^=|]+)=(.+)\|>$")
@@ -46,8 +47,8 @@ class Writer:
         self.model, self.tokenizer, self.log = model, tokenizer, log
         self.device = next(model.parameters()).device
         self.autocast = autocast
-        if isinstance(model, gpt2.GPT):
-            self.context = model.config.n_positions
+        if isinstance(model, Model):
+            self.context = model.shape.context
         else:
             from .models import context_length
 
@@ -176,26 +177,23 @@ class Writer:
         return head + body, max_new
 
     def _stepper(self):
-        if isinstance(self.model, gpt2.GPT):
-            return gpt2.Stepper(self.model)
-        return HFStepper(self.model, self.autocast)
+        if isinstance(self.model, Model):
+            return Stepper(self.model)
+        return HFStepper(self.model, self.autocast, self.tokenizer.pad_token_id or 0)
 
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], cfg: SampleConfig, generator) -> Iterator[dict]:
         """Yield, per step, {row: new token id, or None when that row just finished}."""
         model, stops, stepper = self.model, self.stops, self._stepper()
         width = max(map(len, prompts))
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
-        seen = ids.masked_fill(mask == 0, -1)
+        seen = torch.tensor([[-1] * (width - len(p)) + p for p in prompts], device=self.device)  # -1: no token
         done = [False] * len(prompts)
-        texts = [[] for _ in prompts]
+        texts, ids = [[] for _ in prompts], None
         was_training = model.training
         model.eval()
         try:
             for n in range(cfg.max_new_tokens):
-                logits = stepper.next(ids) if n else stepper.first(ids, mask, cfg.max_new_tokens)
+                logits = stepper.next(ids) if n else stepper.first(prompts, cfg.max_new_tokens)
                 choice = pick_tokens(logits, cfg, generator, seen)
                 step = {}
                 for row, token in enumerate(choice.tolist()):
@@ -218,12 +216,16 @@ class Writer:
 
 
 class HFStepper:
-    """Feeds an HF causal LM: grows its attention mask and positions, keeps its past_key_values."""
+    """Feeds an HF causal LM: left-pads the prompts to one width, grows the attention mask and
+    positions, keeps its past_key_values."""
 
-    def __init__(self, model, autocast: torch.dtype | None):
-        self.model, self.autocast = model, autocast
+    def __init__(self, model, autocast: torch.dtype | None, pad: int = 0):
+        self.model, self.autocast, self.pad = model, autocast, pad
 
-    def first(self, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    def first(self, prompts: list[list[int]], steps: int) -> torch.Tensor:
+        width, device = max(map(len, prompts)), next(self.model.parameters()).device
+        ids = torch.tensor([[self.pad] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         self.mask, self.past = mask, None
         self.positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return self._forward(ids)
@@ -300,29 +302,46 @@ def finish(text: str, cfg: SampleConfig, final: bool = True) -> tuple[str, bool]
     return text, stopped
 
 
+FAMILIES = {kind: family for family in (gpt2, llama) for kind in family.MODEL_TYPES}  # model_type -> module
+
+
+def engine_family(spec: str):
+    """The family module (gpt2, llama) that runs the folder `spec` in penwright's engine, and None;
+    or None and why the engine cannot run it."""
+    path = Path(spec).expanduser()
+    if reason := folder_problem(path):
+        return None, reason
+    kind = read_config(path).get("model_type")
+    if kind not in FAMILIES:
+        return None, f"model_type {kind!r} is not one it runs ({', '.join(FAMILIES)})"
+    reason = FAMILIES[kind].unsupported(read_config(path))
+    return (None, reason) if reason else (FAMILIES[kind], None)
+
+
 def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle: bool = False, log=print,
          quantize: str = "none", engine: str = "auto") -> Writer:
     """Load a run dir (or any HF model dir, hub id or .gguf) for writing; a LoRA run is merged into its base.
 
-    `quantize="int8"` stores the weights as int8 when writing in bf16 on CPU (quantize.py).
-    `engine`: "penwright" writes with penwright's own GPT-2 (gpt2.py), "hf" with transformers,
-    "auto" with penwright's wherever it can (see gpt2.unsupported). Only "hf" gives a Writer whose
-    `model` and `tokenizer` are transformers' own (`penwright eval` and the server use them).
+    `quantize="int8"` stores the weights as int8 when writing on CPU, in fp32 or bf16 (quantize.py).
+    `engine`: "penwright" writes with penwright's own engine (engine.py: GPT-2, Llama, Mistral, Qwen2
+    folders), "hf" with transformers, "auto" with penwright's wherever it can (see `engine_family`).
+    Only "hf" gives a Writer whose `model` and `tokenizer` are transformers' own (`penwright eval`
+    and the server use them).
     """
     from .devices import pick_device, pick_dtype
     from .runs import check_finished, learned_context
 
     check_finished(spec)
     target = pick_device(device)
-    dtype = pick_dtype(precision, target)
-    int8 = quantize == "int8" and target.type == "cpu" and dtype == torch.bfloat16
-    reason = "--engine hf" if engine == "hf" else gpt2.unsupported(spec)
+    dtype = pick_dtype(precision, target, log)
+    int8 = quantize == "int8" and target.type == "cpu"
+    family, reason = (None, "--engine hf") if engine == "hf" else engine_family(spec)
     if engine == "penwright" and reason:
         raise PenwrightError(f"--engine penwright cannot write with {spec}: {reason}; use --engine hf")
-    if reason is None:
+    if family is not None:
         from .tokens import TextTokenizer
 
-        model, tokenizer = gpt2.load(spec, dtype, int8).to(target), TextTokenizer(Path(spec).expanduser())
+        model, tokenizer = family.load(spec, dtype, int8).to(target), TextTokenizer(Path(spec).expanduser())
     else:
         model, tokenizer = _hf_model(spec, dtype, target, allow_pickle, int8)
     writer = Writer(model, tokenizer, log=log)
@@ -344,5 +363,5 @@ def _hf_model(spec: str, dtype: torch.dtype, target: torch.device, allow_pickle:
     if int8:
         from .quantize import quantize_int8
 
-        quantize_int8(model)
+        quantize_int8(model, dtype)
     return model, tokenizer

@@ -62,8 +62,10 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False):
 class TextTokenizer:
     """What writing needs of a tokenizer, read from a model folder with the `tokenizers` package alone.
 
-    For penwright's own GPT-2 (gpt2.py): transformers' tokenizer classes take seconds to import.
-    The Rust tokenizer in tokenizer.json is the one transformers would wrap, so the ids are the same.
+    For penwright's own engine (engine.py: GPT-2 and the Llama family): transformers' tokenizer
+    classes take seconds to import. The Rust tokenizer in tokenizer.json is the one transformers
+    would wrap, so the ids are the same, and EOS and pad come from the same files transformers reads
+    (SmolLM2-Instruct's EOS is `<|im_end|>`, its base model's `<|endoftext|>`, as its tokenizer_config.json says).
     """
 
     def __init__(self, path: Path):

