@@ -7,12 +7,19 @@
       metrics.jsonl    one JSON record per logged step, evaluation and sample
       loss.png         training and validation loss
       checkpoints/     step-NNNNNNNN/ (see checkpoint.py)
+      .lock            held (flock) by the process training or exporting the run, with its pid
+
+One process at a time may train or export a run: `lock` takes an OS file lock, which the kernel
+drops when the process ends, however it ends (SIGKILL included), so a lock is never left stuck.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +28,7 @@ from .config import TrainConfig
 from .errors import PenwrightError
 
 RUN_FILE = "penwright.json"
+LOCK_FILE = ".lock"
 # Settings that make a run a different run; changing others (steps, eval cadence) is fine on resume.
 IDENTITY = ("data", "val_file", "model", "init", "preset", "tokenizer", "text_column", "label_column",
             "prompt_column", "completion_column", "line_by_line", "val_fraction", "block_size", "seed", "lora",
@@ -36,39 +44,60 @@ class RunDir:
 
     @classmethod
     def claim(cls, cfg: TrainConfig) -> "RunDir":
-        """Check that --out may hold this run (honouring --resume and --overwrite); changes nothing yet."""
+        """Check that --out may hold this run (honouring --resume and --overwrite) and hold its lock
+        (`release` lets go); changes nothing yet."""
         if not cfg.out:
             raise PenwrightError("no run directory given: pass --out runs/NAME")
         run = cls(Path(cfg.out))
         if run.path.exists() and not run.path.is_dir():
             raise PenwrightError(f"--out {run.path} is a file; give a folder")
+        if run.path.is_dir():
+            lock(run.path, "train")  # before looking inside: a run in progress is no state to judge
+        try:
+            run._check(cfg)
+        except BaseException:
+            release(run.path)
+            raise
+        return run
+
+    def _check(self, cfg: TrainConfig) -> None:
+        """Whether --out may hold this run: empty, or this run again with --resume, or --overwrite."""
         # Hidden names are temporary files of an atomic write a crash cut short: they do not count.
-        if run.path.is_dir() and any(not p.name.startswith(".") for p in run.path.iterdir()):
-            previous = run.read_config()
+        if self.path.is_dir() and any(not p.name.startswith(".") for p in self.path.iterdir()):
+            previous = self.read_config()
             if cfg.overwrite:
-                if previous is None and not (run.path / "config.json").is_file():
-                    raise PenwrightError(f"--out {run.path} holds files that are not a penwright run; "
+                if previous is None and not (self.path / "config.json").is_file():
+                    raise PenwrightError(f"--out {self.path} holds files that are not a penwright run; "
                                          "refusing to delete them even with --overwrite: choose another --out")
-                run.replace = True
+                self.replace = True
             elif previous is None:
-                raise PenwrightError(f"--out {run.path} is not empty and holds no penwright run; choose another folder")
+                raise PenwrightError(f"--out {self.path} is not empty and holds no penwright run; choose another folder")
             elif not cfg.resume:
-                raise PenwrightError(f"--out {run.path} already holds a run: add --resume to continue it "
+                raise PenwrightError(f"--out {self.path} already holds a run: add --resume to continue it "
                                      "or --overwrite to start again")
             else:
                 # a setting newer than the run's penwright.json had its default there
                 defaults = {k: TrainConfig.__dataclass_fields__[k].default for k in IDENTITY}
                 changed = [k for k in IDENTITY if previous.get(k, defaults[k]) != getattr(cfg, k)]
                 if changed:
-                    raise PenwrightError(f"--out {run.path} holds a different run (--{changed[0].replace('_', '-')} "
+                    raise PenwrightError(f"--out {self.path} holds a different run (--{changed[0].replace('_', '-')} "
                                          f"was {previous.get(changed[0])!r}); use another --out or --overwrite")
-        return run
 
     def create(self) -> None:
-        """Make the folder (emptying it first for --overwrite), once the run's inputs have been checked."""
+        """Make the folder (emptying it first for --overwrite), once the run's inputs have been checked,
+        and hold its lock if `claim` found no folder to lock."""
         if self.replace:
-            files.remove(self.path)
+            for entry in self.path.iterdir():
+                if entry.name != LOCK_FILE:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if self.path.is_dir() and held(self.path):
+            return
         self.path.mkdir(parents=True, exist_ok=True)
+        lock(self.path, "train")
+        if any(not p.name.startswith(".") for p in self.path.iterdir()):
+            release(self.path)
+            raise PenwrightError(f"--out {self.path}: another process started a run there meanwhile; "
+                                 "choose another --out")
 
     # --- settings and results -----------------------------------------------------------------
 
@@ -131,6 +160,61 @@ class RunDir:
             "```", "",
         ])
         files.write_text(self.path / "README.md", text)
+
+
+# --- the lock -------------------------------------------------------------------------------------
+
+_held: dict[Path, object] = {}  # run dir -> the open lock file this process holds
+
+
+def lock(path: Path, doing: str) -> None:
+    """Hold the run dir's lock until `release(path)` or the end of this process, or refuse in one
+    line naming the process that holds it. `doing` (train, export) is recorded with the pid."""
+    import fcntl
+
+    key = Path(path).resolve()
+    handle = open(key / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid, _, what = handle.read().strip().partition(" ")
+        handle.close()
+        holder = f"penwright {what or 'train'} (pid {pid})" if pid.isdigit() else "another penwright process"
+        raise PenwrightError(f"{path} is in use: {holder} holds it; wait for it to finish"
+                             + (f" or stop it (kill {pid})" if pid.isdigit() else "")
+                             + ", or choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {doing}\n")
+    handle.flush()
+    _held[key] = handle
+
+
+def held(path: Path) -> bool:
+    return Path(path).resolve() in _held
+
+
+def release(path: Path) -> None:
+    """Let go of the run dir's lock (no-op when this process does not hold it)."""
+    handle = _held.pop(Path(path).resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+@contextlib.contextmanager
+def locked(path: Path, doing: str):
+    """Hold the run dir's lock for the block. A folder this process cannot write to (a model
+    someone else owns) cannot be training, so it is read without one."""
+    try:
+        lock(path, doing)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        release(path)
 
 
 def learned_context(path: Path) -> int | None:

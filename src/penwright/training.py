@@ -30,7 +30,7 @@ from .guards import FiniteGuard, StopFlag, memory_hint
 from .kernels import fuse_gelu, use_cpu_attention
 from .losses import keeps_packed_apart, lm_loss
 from .models import MAX_DEFAULT_BLOCK, context_length, fit_tokenizer, load_model, scratch_model
-from .runs import RunDir
+from .runs import RunDir, release
 from .tokens import TokenStore, prepare
 
 
@@ -130,6 +130,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
               file=sys.stderr)
         raise SystemExit(1) from None
     finally:
+        if ranks.main and cfg.out:
+            release(Path(cfg.out))  # the run dir's lock, which `setup` took
         distributed.teardown()
 
 
