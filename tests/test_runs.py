@@ -78,3 +78,45 @@ def test_a_fresh_run_dir_is_locked_once_created(tmp_path):
     run.create()
     assert runs.held(run.path)
     runs.release(run.path)
+
+
+# --- what is published is readable as the umask says ----------------------------------------------
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield 0o640  # the mode a plain open() gives under this umask
+    os.umask(old)
+
+
+def modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777 for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_published_files_get_the_mode_the_umask_gives(tmp_path, stories_txt, tiny_base,
+                                                      umask_027):
+    from penwright import EvalConfig, evaluate, train
+
+    cache = tmp_path / "cache"
+    full = train(tiny_config(stories_txt, tmp_path / "full", max_steps=4, save_every=2, sample_length=8,
+                             cache_dir=str(cache)), log=lambda *_: None)
+    lora = train(tiny_config(stories_txt, tmp_path / "lora", init="pretrained", model=str(tiny_base), max_steps=2,
+                             lora="r=2,alpha=4,dropout=0", block_size=32, sample_length=8, cache_dir=str(cache)),
+                 log=lambda *_: None)
+    assert main(["export", "--merge", str(lora), "--out", str(tmp_path / "merged")]) == 0
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(stories_txt.read_text()[:2000])
+    evaluate(EvalConfig(model=[str(full)], data=str(held_out), out=str(tmp_path / "report"), max_new_tokens=4,
+                        num_samples=1), log=lambda *_: None)
+    samples = tmp_path / "samples.jsonl"
+    assert main(["generate", "--model", str(full), "--max-new-tokens", "4", "--num-samples", "2",
+                 "--output", str(samples)]) == 0
+    published = {"run": {k: v for k, v in modes(full).items() if not k.startswith("checkpoints")},
+                 "lora run": {k: v for k, v in modes(lora).items() if not k.startswith("checkpoints")},
+                 "merged": modes(tmp_path / "merged"), "cache": modes(cache), "report": modes(tmp_path / "report"),
+                 "samples": {samples.name: samples.stat().st_mode & 0o777}}
+    for where, found in published.items():
+        assert found and set(found.values()) == {umask_027}, (where, {k: oct(v) for k, v in found.items()})
+    for name in ("model.safetensors", "loss.png", "README.md", "tokenizer.json"):
+        assert name in published["run"]
+    assert "model.safetensors" in published["merged"] and "loss.png" in published["report"]
