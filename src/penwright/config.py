@@ -292,7 +292,8 @@ class GenerateConfig(Runtime, SampleConfig):
     model: str | None = opt(None, "run directory (or any HF model directory, hub id or .gguf) to sample from")
     prompt: str | None = opt(None, "text to continue (default: unconditional samples)")
     prompt_file: str | None = opt(None, "file with one prompt per line")
-    output: str | None = opt(None, "also write the samples to this .jsonl file")
+    output: str | None = opt(None, "also write the samples to this .jsonl file (one JSON object per sample: "
+                                   "prompt, text, label, finish_reason, new_tokens, seed)")
     quantize: Literal["int8", "none"] = opt("int8", "on CPU in bf16, store weights as int8 for faster writing "
                                                     "(text within 1%% perplexity of fp32), or none")
     engine: Literal["auto", "penwright", "hf"] = opt(
@@ -303,6 +304,11 @@ class GenerateConfig(Runtime, SampleConfig):
     def check(self):
         _check(not (self.prompt is not None and self.prompt_file is not None),
                "give --prompt or --prompt-file, not both")
+        if self.output is not None:  # checked before any writing, which may take minutes
+            folder = os.path.dirname(os.path.expanduser(self.output)) or "."
+            _check(self.output.lower().endswith(".jsonl"), f"--output {self.output}: samples are written as JSON "
+                   "lines (prompt, text, label, ...); name the file .jsonl, e.g. --output samples.jsonl")
+            _check(os.path.isdir(folder), f"--output {self.output}: there is no folder {folder}; create it first")
 
 
 @dataclass
