@@ -127,3 +127,15 @@ def test_samples_are_printed_and_logged_during_training(tmp_path, stories_csv):
     samples = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "sample" in r]
     assert [r["step"] for r in samples] == [2, 4] and all(isinstance(r["sample"], str) for r in samples)
     assert "validation perplexity:" in messages[-2] and "before" in messages[-2]
+
+
+def test_what_training_announces_reads_right_for_one(tmp_path, stories_txt):
+    """One file, one step, one evaluation batch: no "1 files", and the step-0
+    evaluation says how much it reads before it starts (minutes on a big model)."""
+    messages = []
+    train(tiny_config(stories_txt, tmp_path / "run", max_steps=1, eval_batches=1, sample_length=4),
+          log=messages.append)
+    text = "\n".join(messages)
+    assert "corpus: 1 file, 2 documents, " in text and "training 1 step of 512 tokens" in text, text
+    assert "validation before training: 1 batch of 8 x 64 tokens (--eval-batches sets how many) ..." in text
+    assert any(m.startswith("validation perplexity before training: ") for m in messages)

@@ -32,6 +32,7 @@ from .errors import PenwrightError
 from .generate import Chat, Writer, load
 from .runs import RunDir, learned_context, plot_losses, read_metrics
 from .tokens import encode_texts
+from .words import plural
 
 COPY_TOKENS = 50  # a sample holding a verbatim copy of this many training tokens counts as reciting
 EXAMPLES = 3  # continuations shown per model in report.md
@@ -245,7 +246,7 @@ def continuation_cases(docs: list[Document], words: int, limit: int) -> list[Cas
     if not cases:
         longest = max(len(d.text.split()) for d in docs)
         raise PenwrightError(f"--holdout-words {words} leaves nothing to continue from: the longest held-out "
-                             f"document has {longest} words; use --holdout-words {max(1, longest // 4)} "
+                             f"document has {plural(longest, 'word')}; use --holdout-words {max(1, longest // 4)} "
                              "or longer documents")
     picked = np.unique(np.linspace(0, len(cases) - 1, min(limit, len(cases))).round().astype(int))
     return [cases[i] for i in picked]

@@ -20,6 +20,7 @@ import torch
 from . import gpt2
 from .config import SampleConfig
 from .errors import PenwrightError
+from .words import plural
 
 CONTROL = re.compile(r"^<\|([^=|]+)=(.+)\|>$")
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
@@ -170,7 +171,7 @@ class Writer:
         max_new = min(cfg.max_new_tokens, self.context - len(head) - 1)
         room = self.context - max_new - len(head)
         if len(body) > room:
-            self.log(f"warning: prompt is {len(body)} tokens, more than the {room} that fit with "
+            self.log(f"warning: prompt is {plural(len(body), 'token')}, more than the {room} that fit with "
                      f"{max_new} new tokens in a {self.context}-token context; keeping its last {room}")
             body = body[len(body) - room:]
         return head + body, max_new

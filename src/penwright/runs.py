@@ -26,6 +26,7 @@ from pathlib import Path
 from . import files
 from .config import TrainConfig
 from .errors import PenwrightError
+from .words import plural
 
 RUN_FILE = "penwright.json"
 LOCK_FILE = ".lock"
@@ -71,7 +72,8 @@ class RunDir:
                                          "refusing to delete them even with --overwrite: choose another --out")
                 self.replace = True
             elif previous is None:
-                raise PenwrightError(f"--out {self.path} is not empty and holds no penwright run; choose another folder")
+                raise PenwrightError(f"--out {self.path} is not empty and holds no penwright run; "
+                                     "choose another folder")
             elif not cfg.resume:
                 raise PenwrightError(f"--out {self.path} already holds a run: add --resume to continue it "
                                      "or --overwrite to start again")
@@ -148,7 +150,7 @@ class RunDir:
             f"# {self.path.name}", "",
             f"A causal language model fine-tuned with penwright on `{cfg.data}`.", "",
             "## Data", "",
-            f"{stats.get('documents')} documents, {stats.get('characters')} characters, "
+            f"{plural(stats.get('documents', 0), 'document')}, {plural(stats.get('characters', 0), 'character')}, "
             f"{stats.get('train_tokens')} training and {stats.get('val_tokens')} validation tokens. "
             f"Labels: {labels}.", "",
             "## Results", "", "| metric | value |", "| --- | --- |", rows, "",

@@ -32,6 +32,7 @@ from .losses import keeps_packed_apart, lm_loss
 from .models import MAX_DEFAULT_BLOCK, context_length, fit_tokenizer, load_model, scratch_model
 from .runs import RunDir, release
 from .tokens import TokenStore, prepare
+from .words import plural
 
 
 def set_dropout(model, p: float | None, attention: float) -> None:
@@ -250,7 +251,9 @@ def _first_evaluation(t: Trainer, log) -> float:
     """The validation loss before training (on a resumed run, the one recorded at step 0)."""
     if t.step > 0:
         return next((r["val_loss"] for r in t.run.metrics() if r.get("step") == 0 and "val_loss" in r), float("nan"))
-    log(f"validation before training ({t.evaluator.batches(t.cfg.eval_batches)} batches) ...")
+    batches = plural(t.evaluator.batches(t.cfg.eval_batches), "batch", "batches")
+    log(f"validation before training: {batches} of {t.evaluator.batch_size} x {t.evaluator.block} tokens "
+        "(--eval-batches sets how many) ...")
     before = t.evaluator.loss(t.model, t.cfg.eval_batches)  # on every rank: a sharded model needs them all
     if t.ranks.main:
         t.run.log({"step": 0, "val_loss": before, "val_ppl": _ppl(before)})
@@ -261,11 +264,12 @@ def _first_evaluation(t: Trainer, log) -> float:
 def _announce(t: Trainer, log) -> None:
     s, cfg = t.store.stats, t.cfg
     labels = ", ".join(f"{k}={v}" for k, v in s["labels"].items())
-    log(f"corpus: {s['files']} files, {s['documents']} documents, {s['characters']:,} characters, "
-        f"{s['tokens']:,} tokens ({s['train_tokens']:,} train / {s['val_tokens']:,} validation)"
+    log(f"corpus: {plural(s['files'], 'file')}, {plural(s['documents'], 'document')}, "
+        f"{plural(s['characters'], 'character')}, {plural(s['tokens'], 'token')} "
+        f"({s['train_tokens']:,} train / {s['val_tokens']:,} validation)"
         + (f"; labels: {labels}" if labels else ""))
     processes = f" x {t.ranks.world} processes" if t.ranks.world > 1 else ""
-    log(f"training {t.total} steps of {t.tokens_per_step:,} tokens (batch {cfg.batch_size} x accumulation "
+    log(f"training {plural(t.total, 'step')} of {t.tokens_per_step:,} tokens (batch {cfg.batch_size} x accumulation "
         f"{cfg.grad_accum} x block {cfg.block_size}{processes}), lr {cfg.peak_lr:g}, on {t.device} in "
         f"{str(t.dtype).split('.')[-1]}")
     if t.ranks.world > 1:
