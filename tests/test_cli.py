@@ -31,7 +31,13 @@ def run_cli(*args, stdin=None):
     (["generate", "--model", "x", "--temperature", "0"], "--temperature must be > 0 when sampling"),
     (["generate", "--model", "x", "--top-p", "1.5"], r"--top-p must be in (0, 1]"),
     (["generate", "--prompt", "hi"], "no model given: pass --model"),
-    (["generate", "--model", "no/such/dir"], "not a model directory or .gguf file"),
+    (["generate", "--model", "no/such/dir"], "no/such/dir: no such folder"),
+    (["generate", "--model", "runs/does-not-exist"], "runs/does-not-exist: no such folder"),  # runs/ exists
+    (["generate", "--model", "runs/bok"], "runs/bok: no such folder; did you mean runs/book?"),
+    (["generate", "--model", "./missing"], "./missing: no such folder"),
+    (["generate", "--model", "~/no-such-penwright-model"], "~/no-such-penwright-model: no such folder"),
+    (["generate", "--model", "empty.txt"], "empty.txt: not a model directory or .gguf file"),
+    (["generate", "--model", "someone/model-x"], "'someone/model-x' is not in the local cache"),  # a hub id
     (["generate", "--model", "nonexistent-model-xyz"],
      "not in the local cache and the Hugging Face hub is unreachable"),
 ])
@@ -40,6 +46,7 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv,
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "latin.txt").write_bytes("caf\u00e9".encode("latin-1"))
     (tmp_path / "plots.csv").write_text("plot,tag\nSomething happens,x\n")
+    (tmp_path / "runs" / "book").mkdir(parents=True)
     names = {"{empty}": "empty.txt", "{latin}": "latin.txt", "{csv}": "plots.csv"}
     line = one_error_line(capsys, *[names.get(a, a) for a in argv])
     assert expected in line
