@@ -326,13 +326,14 @@ class EvalConfig(Runtime, SampleConfig, DataConfig):
     the models is used (and its training split for the memorisation check).
     """
 
-    model: list[str] = opt([], "run directory, model directory, hub id or .gguf to evaluate (repeat to compare)",
-                           action="append")
+    model: list[str] = opt([], "run directory, model directory, hub id or .gguf to evaluate, as PATH or "
+                               "NAME=PATH to name it in the report (repeat to compare)", action="append")
     train_data: str | None = opt(None, "training corpus to look for copied text in (default: the first run dir's)")
     out: str | None = opt(None, "folder for report.json, report.md and the charts (default: only print the table)")
     stride: int | None = opt(None, "tokens the perplexity window moves each step (default: half the context)")
     holdout_words: int = opt(20, "words held back at the end of each document for the continuation test")
-    max_documents: int = opt(100, "held-out documents used for the continuation test (perplexity uses all)")
+    max_passages: int = opt(100, "held-out passages for the continuation test: documents, and pieces of long ones "
+                                 "(perplexity uses all the text)")
     label_samples: int = opt(10, "samples per label for the label-control test")
     num_samples: int = opt(3, "continuations per held-out document (self-BLEU compares them)")
     seed: int | None = opt(1, "random seed for the samples: the same seed gives the same report")
@@ -343,7 +344,12 @@ class EvalConfig(Runtime, SampleConfig, DataConfig):
         _check(len(set(self.model)) == len(self.model), "the same --model is given twice")
         _check(self.label is None, "eval conditions each document on its own label; drop --label")
         _check(self.stride is None or self.stride >= 1, f"--stride must be at least 1, got {self.stride}")
-        _at_least(self, 1, "holdout_words", "max_documents", "label_samples")
+        _at_least(self, 1, "holdout_words", "max_passages", "label_samples")
+        self.models()  # refuses clashing names now rather than after the first model's scores
+
+    def models(self) -> dict[str, str]:
+        """Name in the report -> model. A name is NAME from NAME=PATH, else the --model as given."""
+        return named_models(self.model, lambda spec: spec)
 
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -376,15 +382,20 @@ class ServeConfig(Runtime):
 
     def models(self) -> dict[str, str]:
         """Model name -> path. A name is NAME from NAME=PATH, else the folder's own name."""
-        out = {}
-        for spec in self.model:
-            name, sep, path = spec.partition("=")
-            if not (sep and MODEL_NAME.match(name)):
-                name, path = os.path.basename(os.path.normpath(spec)), spec
-            _check(bool(path), f"--model {spec!r}: give a path after the '='")
-            _check(name not in out, f"two --model flags are both named {name!r}: name them with --model NAME=PATH")
-            out[name] = path
-        return out
+        return named_models(self.model, lambda spec: os.path.basename(os.path.normpath(spec)))
+
+
+def named_models(specs: list[str], default_name) -> dict[str, str]:
+    """NAME=PATH or PATH flags as name -> path (`default_name(PATH)` names a bare PATH); refuses clashes."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not (sep and MODEL_NAME.match(name)):
+            name, path = default_name(spec), spec
+        _check(bool(path), f"--model {spec!r}: give a path after the '='")
+        _check(name not in out, f"two --model flags are both named {name!r}: name them with --model NAME=PATH")
+        out[name] = path
+    return out
 
 
 @dataclass

@@ -219,14 +219,23 @@ def locked(path: Path, doing: str):
         release(path)
 
 
+def trained_context(path: Path) -> int | None:
+    """The block size a run dir was trained on (None for other models): the context it is scored in,
+    as positions past it hold what the base model knew, not what the run learned."""
+    try:
+        return int(json.loads((Path(path) / RUN_FILE).read_text())["block_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def learned_context(path: Path) -> int | None:
     """The block size of a run trained from scratch: it never saw later positions, and text
     sampled past them is noise. None for other models (pretraining taught them their context)."""
     try:
-        info = json.loads((Path(path) / RUN_FILE).read_text())
-        return int(info["block_size"]) if info["config"]["init"] == "scratch" else None
+        scratch = json.loads((Path(path) / RUN_FILE).read_text())["config"]["init"] == "scratch"
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return trained_context(path) if scratch else None
 
 
 def check_finished(path: Path) -> None:
