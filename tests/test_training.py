@@ -139,3 +139,33 @@ def test_what_training_announces_reads_right_for_one(tmp_path, stories_txt):
     assert "corpus: 1 file, 2 documents, " in text and "training 1 step of 512 tokens" in text, text
     assert "validation before training: 1 batch of 8 x 64 tokens (--eval-batches sets how many) ..." in text
     assert any(m.startswith("validation perplexity before training: ") for m in messages)
+
+
+def test_checkpoints_without_optimizer_state_are_smaller_and_a_resume_says_it_restarts_it(tmp_path, stories_txt):
+    import torch
+
+    from penwright import checkpoint
+    from penwright.cli import build_parser
+
+    def checkpoint_bytes(run):
+        return sum(p.stat().st_size for p in checkpoint.complete(run)[0].iterdir())
+
+    kept = train(tiny_config(stories_txt, tmp_path / "kept", max_steps=2, save_every=2, sample_length=4), **quiet)
+    light = train(tiny_config(stories_txt, tmp_path / "light", max_steps=2, save_every=2, sample_length=4,
+                              save_optimizer=False), **quiet)
+    weights = (light / "model.safetensors").stat().st_size
+    assert checkpoint_bytes(kept) - checkpoint_bytes(light) > 1.9 * weights  # AdamW's two moments
+    state = torch.load(checkpoint.complete(light)[0] / checkpoint.STATE_FILE, weights_only=True)
+    assert state["step"] == 2 and state["optimizer"] is None
+    messages = []
+    train(tiny_config(stories_txt, light, max_steps=4, save_every=2, sample_length=4, save_optimizer=False,
+                      resume=True), log=messages.append)
+    assert any("holds no optimizer state (saved with --no-save-optimizer): the optimizer restarts" in m
+               for m in messages), messages
+    assert int(checkpoint.complete(light)[0].name.split("-")[1]) == 4
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--no-save-optimizer"]).save_optimizer is False
+    assert parser.parse_args(["train", "--save-optimizer"]).save_optimizer is True
+    usage = parser._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--save-optimizer, --no-save-optimizer" in usage and "0.5 GB instead of 1.6 GB" in " ".join(usage.split())

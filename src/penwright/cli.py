@@ -33,8 +33,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config, skip: tuple[str, .
         help_text = f.metadata.get("help", "")
         if default not in (None, False, []):
             help_text += f" (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        if kind is bool:  # --flag; one that is on by default also gets --no-flag
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
             continue
         if f.metadata.get("action") == "append":
             parser.add_argument(flag, action="append", metavar="TEXT", default=argparse.SUPPRESS, help=help_text)
@@ -154,8 +155,8 @@ def as_flags(config, skip: tuple[str, ...] = ()) -> list[str]:
         if f.name in skip or value == default:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if value is True:
-            argv.append(flag)
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
         else:
             argv += [x for item in (value if isinstance(value, list) else [value]) for x in (flag, str(item))]
     return argv

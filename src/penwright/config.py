@@ -196,7 +196,11 @@ class TrainConfig(Runtime, PrepareConfig):
                                    "on the validation split and add them to the model card")
     sample_every: int = opt(500, "steps between printed samples (0: never)")
     sample_length: int = opt(64, "tokens per training sample")
-    save_every: int = opt(500, "steps between checkpoints (0: only at the end)")
+    save_every: int = opt(500, "steps between checkpoints (0: only at the end); each holds the weights (4 bytes a "
+                               "parameter) and the optimizer state (8 more; see --no-save-optimizer)")
+    save_optimizer: bool = opt(True, "keep AdamW's state in checkpoints, so that a resume continues exactly; "
+                                     "--no-save-optimizer makes them a third of the size (a 135M-parameter model's: "
+                                     "0.5 GB instead of 1.6 GB), and a resume then restarts the optimizer")
     keep_checkpoints: int = opt(2, "checkpoints to keep")
     log_every: int = opt(10, "steps between progress-bar and metrics.jsonl updates")
     compile: bool = opt(False, "compile the model with torch.compile")

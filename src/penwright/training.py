@@ -234,7 +234,11 @@ def _restore(t: Trainer, resume_from: Path | None, log) -> None:
             log("no checkpoint to resume from; starting a new run")
         return
     state = checkpoint.load_state(resume_from)
-    distributed.load_optimizer(t.model, t.optimizer, state["optimizer"])
+    if state.get("optimizer") is None:
+        log(f"warning: {resume_from} holds no optimizer state (saved with --no-save-optimizer): the optimizer "
+            "restarts from nothing, so the run goes on from these weights but not exactly as an uninterrupted one")
+    else:
+        distributed.load_optimizer(t.model, t.optimizer, state["optimizer"])
     t.step = t.start = state["step"]
     if t.ranks.main:
         t.run.forget_after(t.step)
@@ -380,7 +384,8 @@ def _evaluate(t: Trainer, bar) -> None:
 def save(t: Trainer) -> Path | None:
     """Checkpoint the current step (every rank takes part: under FSDP they gather the weights)."""
     t.guard.check(t.step, t.last_saved)  # never checkpoint a run past its limit of skipped steps
-    weights, optimizer_state = distributed.full_state(t.model, t.optimizer, t.sharded)
+    weights, optimizer_state = distributed.full_state(t.model, t.optimizer if t.cfg.save_optimizer else None,
+                                                      t.sharded)
     if t.ranks.main:
         t.last_saved = checkpoint.save(t.run.path, t.step, t.model, t.tokenizer,
                                        {"step": t.step, "optimizer": optimizer_state}, t.cfg.keep_checkpoints, weights)
