@@ -121,6 +121,9 @@ class DataConfig(Settings):
     prompt_column: str | None = opt(None, "CSV/JSONL column with prompts (no loss on them)")
     completion_column: str | None = opt(None, "CSV/JSONL column with completions (the loss is on these)")
     line_by_line: bool = opt(False, "make every non-empty line its own document")
+    keep_line_breaks: bool = opt(False, "keep the line breaks of hard-wrapped .txt/.md files (by default, a file "
+                                        "whose lines show it was wrapped at a fixed width, as Project Gutenberg's "
+                                        "books are, gets the lines of each paragraph joined)")
     val_fraction: float = opt(0.1, "share of documents held out for validation")
     val_file: str | None = opt(None, "use this corpus as the validation split instead of holding out")
     encoding: str = opt("utf-8", "text encoding of the corpus files, e.g. latin-1")

@@ -32,8 +32,8 @@ RUN_FILE = "penwright.json"
 LOCK_FILE = ".lock"
 # Settings that make a run a different run; changing others (steps, eval cadence) is fine on resume.
 IDENTITY = ("data", "val_file", "model", "init", "preset", "tokenizer", "text_column", "label_column",
-            "prompt_column", "completion_column", "line_by_line", "val_fraction", "block_size", "seed", "lora",
-            "format", "train_on")
+            "prompt_column", "completion_column", "line_by_line", "keep_line_breaks", "val_fraction", "block_size",
+            "seed", "lora", "format", "train_on")
 
 
 class RunDir:

@@ -268,10 +268,12 @@ def _first_evaluation(t: Trainer, log) -> float:
 def _announce(t: Trainer, log) -> None:
     s, cfg = t.store.stats, t.cfg
     labels = ", ".join(f"{k}={v}" for k, v in s["labels"].items())
-    log(f"corpus: {plural(s['files'], 'file')}, {plural(s['documents'], 'document')}, "
+    reflowed = f" ({s['reflowed_files']} hard-wrapped, reflowed)" if s.get("reflowed_files") else ""
+    log(f"corpus: {plural(s['files'], 'file')}{reflowed}, {plural(s['documents'], 'document')}, "
         f"{plural(s['characters'], 'character')}, {plural(s['tokens'], 'token')} "
         f"({s['train_tokens']:,} train / {s['val_tokens']:,} validation)"
-        + (f"; labels: {labels}" if labels else ""))
+        + (f"; labels: {labels}" if labels else "")
+        + (f" and {s['unlabelled_documents']:,} unlabelled" if labels and s.get("unlabelled_documents") else ""))
     processes = f" x {t.ranks.world} processes" if t.ranks.world > 1 else ""
     log(f"training {plural(t.total, 'step')} of {t.tokens_per_step:,} tokens (batch {cfg.batch_size} x accumulation "
         f"{cfg.grad_accum} x block {cfg.block_size}{processes}), lr {cfg.peak_lr:g}, on {t.device} in "
