@@ -120,3 +120,26 @@ def test_published_files_get_the_mode_the_umask_gives(tmp_path, stories_txt, tin
     for name in ("model.safetensors", "loss.png", "README.md", "tokenizer.json"):
         assert name in published["run"]
     assert "model.safetensors" in published["merged"] and "loss.png" in published["report"]
+
+
+# --- the model card ---------------------------------------------------------------------------------
+
+def test_the_model_card_says_how_the_model_was_made_and_only_the_settings_that_did_something(
+        tiny_run, tmp_path, stories_txt, tiny_base):
+    import json
+    import re
+
+    from penwright import train
+
+    def card(run: Path) -> tuple[str, dict]:
+        text = (run / "README.md").read_text()
+        return text, json.loads(re.search(r"```json\n(.*?)\n```", text, re.S)[1])
+
+    text, settings = card(tiny_run)
+    assert "trained from scratch" in text and "fine-tuned" not in text and "512-token BPE" in text
+    assert settings["preset"] == "tiny" and "model" not in settings
+    tuned = train(tiny_config(stories_txt, tmp_path / "tuned", init="pretrained", model=str(tiny_base), max_steps=1,
+                              block_size=32, sample_length=4), log=lambda *_: None)
+    text, settings = card(tuned)
+    assert f"`{tiny_base}` fine-tuned with penwright" in text and "from scratch" not in text
+    assert settings["model"] == str(tiny_base) and "preset" not in settings and "vocab_size" not in settings

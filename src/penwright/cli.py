@@ -82,6 +82,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not sys.stderr.isatty():  # into a log file: libraries' own bars (transformers' GGUF loading) may
+        os.environ.setdefault("TQDM_MININTERVAL", "30")  # say where they are every 30 s, not 10 times a second
     args = parse(argv)
     command = args.command
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "parser")}

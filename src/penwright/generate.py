@@ -53,6 +53,7 @@ class Writer:
             from .models import context_length
 
             self.context = context_length(model)
+        self._capped = None  # the --max-new-tokens last said to be more than the context holds
         self.labels = {}  # label value -> control token id
         for token, token_id in tokenizer.get_added_vocab().items():
             if match := CONTROL.match(token):
@@ -169,6 +170,10 @@ class Writer:
             head.append(self.labels[cfg.label])
         body = self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
         max_new = min(cfg.max_new_tokens, self.context - len(head) - 1)
+        if max_new < cfg.max_new_tokens and self._capped != cfg.max_new_tokens:  # said once, not per sample
+            self._capped = cfg.max_new_tokens
+            self.log(f"warning: --max-new-tokens {cfg.max_new_tokens} is more than the model's "
+                     f"{self.context}-token context holds; writing at most {max_new} new tokens")
         room = self.context - max_new - len(head)
         if len(body) > room:
             self.log(f"warning: prompt is {plural(len(body), 'token')}, more than the {room} that fit with "

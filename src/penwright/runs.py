@@ -143,12 +143,12 @@ class RunDir:
 
     def write_card(self, cfg: TrainConfig, stats: dict, results: dict, samples: list[str]) -> None:
         rows = "\n".join(f"| {k} | {v} |" for k, v in results.items())
-        settings = {k: v for k, v in asdict(cfg).items() if v not in (None, False, [])}
+        settings = {k: v for k, v in asdict(cfg).items() if v not in (None, False, []) and k not in _unused(cfg)}
         labels = ", ".join(f"{k} ({v})" for k, v in stats.get("labels", {}).items()) or "none"
         text = "\n".join([
             "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [penwright]", "---", "",
             f"# {self.path.name}", "",
-            f"A causal language model fine-tuned with penwright on `{cfg.data}`.", "",
+            _origin(cfg), "",
             "## Data", "",
             f"{plural(stats.get('documents', 0), 'document')}, {plural(stats.get('characters', 0), 'character')}, "
             f"{stats.get('train_tokens')} training and {stats.get('val_tokens')} validation tokens. "
@@ -217,6 +217,25 @@ def locked(path: Path, doing: str):
         yield
     finally:
         release(path)
+
+
+def _origin(cfg: TrainConfig) -> str:
+    """The model card's first line: what was trained from what."""
+    if cfg.init == "scratch":
+        vocabulary = (f"the tokenizer of `{cfg.tokenizer}`" if cfg.tokenizer
+                      else f"a {cfg.vocab_size}-token BPE trained on that text")
+        return f"A GPT-2 ({cfg.preset} preset) trained from scratch with penwright on `{cfg.data}`, with {vocabulary}."
+    if cfg.lora:
+        return f"LoRA adapters (`{cfg.lora}`) for `{cfg.model}`, trained with penwright on `{cfg.data}`."
+    return f"`{cfg.model}` fine-tuned with penwright on `{cfg.data}`."
+
+
+def _unused(cfg: TrainConfig) -> tuple[str, ...]:
+    """Settings that did nothing in this run: the scratch model's shape for a fine-tune, the model to
+    start from for a scratch run (and the BPE's size when a tokenizer was given)."""
+    if cfg.init == "pretrained":
+        return ("preset", "vocab_size")
+    return ("model", "trust_remote_code") + (("vocab_size",) if cfg.tokenizer else ())
 
 
 def trained_context(path: Path) -> int | None:
