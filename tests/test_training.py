@@ -169,3 +169,25 @@ def test_checkpoints_without_optimizer_state_are_smaller_and_a_resume_says_it_re
     assert parser.parse_args(["train", "--save-optimizer"]).save_optimizer is True
     usage = parser._subparsers._group_actions[0].choices["train"].format_help()
     assert "--save-optimizer, --no-save-optimizer" in usage and "0.5 GB instead of 1.6 GB" in " ".join(usage.split())
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_a_hard_wrapped_text_writes_paragraphs_not_short_lines(tmp_path):
+    """The same tiny training on the synopses wrapped at 70 columns, as Gutenberg wraps its books:
+    with the line breaks kept, the model learns to break lines at random, every few words. (About
+    2 minutes on 2 quiet cores; benchmarks/reflow.py measures the same at 200 steps for the README.)"""
+    import textwrap
+
+    from conftest import sample_rows
+    from penwright import load
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(textwrap.fill(r["synopsis"], 70) for r in sample_rows()) + "\n")
+    short = {}
+    for keep in (False, True):
+        run = train(tiny_config(book, tmp_path / f"keep-{keep}", keep_line_breaks=keep, max_steps=100, batch_size=16,
+                                block_size=128, vocab_size=1024, lr=2e-3, sample_length=4), **quiet)
+        texts = load(str(run), precision="fp32", **quiet).generate(None, num_samples=24, max_new_tokens=60, seed=7)
+        lines = [line for text in texts for line in text.split("\n") if line.strip()]
+        short[keep] = sum(len(line) < 20 for line in lines) / len(lines)
+    assert short[True] > 0.5 and short[False] < short[True] / 2, short  # measured: 0.89 and 0.22
