@@ -143,3 +143,23 @@ def test_the_model_card_says_how_the_model_was_made_and_only_the_settings_that_d
     text, settings = card(tuned)
     assert f"`{tiny_base}` fine-tuned with penwright" in text and "from scratch" not in text
     assert settings["model"] == str(tiny_base) and "preset" not in settings and "vocab_size" not in settings
+
+
+def test_a_gguf_export_of_a_run_in_training_is_refused(tiny_run, tmp_path, capsys):
+    """A finished run trained further (--resume with more steps): its lock, held by another process as
+    a training holds it, stops `export --gguf` before it reads the run."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import time; from pathlib import Path; from penwright import runs\n"
+        f"runs.lock(Path({str(run)!r}), 'train'); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        line = one_line(capsys, ["export", "--gguf", str(run), "--out", str(tmp_path / "x.gguf")])
+        assert f"penwright train (pid {holder.pid}) holds it" in line and not (tmp_path / "x.gguf").exists()
+    finally:
+        holder.kill()
+        holder.wait()
