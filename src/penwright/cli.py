@@ -57,25 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="penwright", description="Fine-tune GPT-2-family models on your own text and write in its style.",
         epilog="Run `penwright COMMAND --help` for each command's options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}
     for command in COMMANDS:
         sub = commands.add_parser(command.name, help=command.summary, description=command.summary,
                                   epilog="examples:\n" + command.examples,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_flags(sub, command.config, command.skip)
-        sub.set_defaults(command=command, parser=sub)
+        sub.set_defaults(command=command)
+        parser.commands[command.name] = sub  # for each command's own usage in `parse`
     return parser
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     """The flags, or argparse's exit 2 with the command's own usage and, for a misspelled flag,
     the one it is closest to ("did you mean --temperature?")."""
-    args, unknown = build_parser().parse_known_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if unknown:
-        known = list(args.parser._option_string_actions)
+        command = parser.commands[args.command.name]
+        known = list(command._option_string_actions)
         close = [match for arg in unknown if arg.startswith("-")
                  for match in difflib.get_close_matches(arg.split("=")[0], known, n=1)]
         hint = f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     return args
 
 
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_MININTERVAL", "30")  # say where they are every 30 s, not 10 times a second
     args = parse(argv)
     command = args.command
-    settings = {k: v for k, v in vars(args).items() if k not in ("command", "parser")}
+    settings = {k: v for k, v in vars(args).items() if k != "command"}
     try:
         return command.run(command.config(**settings)) or 0
     except PenwrightError as e:

@@ -175,7 +175,7 @@ def lock(path: Path, doing: str) -> None:
     import fcntl
 
     key = Path(path).resolve()
-    handle = open(key / LOCK_FILE, "a+")
+    handle = os.fdopen(os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), "r+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -261,8 +261,9 @@ def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
         log(f"{plural(len(corpus.reflowed), 'hard-wrapped file')} ({first}: lines of about {width} characters): "
             "joined the lines of each paragraph; --keep-line-breaks keeps them")
     if unlabelled := corpus.stats().get("unlabelled_documents"):
-        log(f"note: {plural(unlabelled, 'document')} of {corpus.stats()['documents']:,} have an empty "
-            f"{cfg.label_column!r} cell; they train without a label")
+        log(f"note: {plural(unlabelled, 'document')} of {corpus.stats()['documents']:,} "
+            f"{'has' if unlabelled == 1 else 'have'} an empty {cfg.label_column!r} cell; "
+            f"{'it trains' if unlabelled == 1 else 'they train'} without a label")
     base = None
     if cfg.tokenizer or cfg.init == "pretrained":
         base = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
