@@ -31,7 +31,13 @@ def run_cli(*args, stdin=None):
     (["generate", "--model", "x", "--temperature", "0"], "--temperature must be > 0 when sampling"),
     (["generate", "--model", "x", "--top-p", "1.5"], r"--top-p must be in (0, 1]"),
     (["generate", "--prompt", "hi"], "no model given: pass --model"),
-    (["generate", "--model", "no/such/dir"], "not a model directory or .gguf file"),
+    (["generate", "--model", "no/such/dir"], "no/such/dir: no such folder"),
+    (["generate", "--model", "runs/does-not-exist"], "runs/does-not-exist: no such folder"),  # runs/ exists
+    (["generate", "--model", "runs/bok"], "runs/bok: no such folder; did you mean runs/book?"),
+    (["generate", "--model", "./missing"], "./missing: no such folder"),
+    (["generate", "--model", "~/no-such-penwright-model"], "~/no-such-penwright-model: no such folder"),
+    (["generate", "--model", "empty.txt"], "empty.txt: not a model directory or .gguf file"),
+    (["generate", "--model", "someone/model-x"], "'someone/model-x' is not in the local cache"),  # a hub id
     (["generate", "--model", "nonexistent-model-xyz"],
      "not in the local cache and the Hugging Face hub is unreachable"),
 ])
@@ -40,6 +46,7 @@ def test_bad_input_gets_one_line_and_exit_2(tmp_path, monkeypatch, capsys, argv,
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "latin.txt").write_bytes("caf\u00e9".encode("latin-1"))
     (tmp_path / "plots.csv").write_text("plot,tag\nSomething happens,x\n")
+    (tmp_path / "runs" / "book").mkdir(parents=True)
     names = {"{empty}": "empty.txt", "{latin}": "latin.txt", "{csv}": "plots.csv"}
     line = one_error_line(capsys, *[names.get(a, a) for a in argv])
     assert expected in line
@@ -101,3 +108,79 @@ def test_a_value_outside_a_flags_choices_names_them(capsys):
     assert exit.value.code == 2
     err = capsys.readouterr().err
     assert "--preset: invalid choice: 'huge'" in err and "medium" in err
+
+
+def test_a_closed_pipe_ends_generate_quietly(tiny_run):
+    """`penwright generate ... | head -c 10`: the reader leaves before the text comes."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "penwright", "generate", "--model", str(tiny_run), "--prompt",
+                             "The ship", "--max-new-tokens", "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141, err  # as a shell reports a tool that SIGPIPE ended
+    assert "Error" not in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("/nonexistent/dir/x.jsonl", "--output /nonexistent/dir/x.jsonl: there is no folder /nonexistent/dir"),
+    ("out.txt", "--output out.txt: samples are written as JSON lines"),
+])
+def test_output_is_checked_before_writing(tiny_run, tmp_path, monkeypatch, capsys, output, expected):
+    monkeypatch.chdir(tmp_path)
+    line = one_error_line(capsys, "generate", "--model", tiny_run, "--output", output)
+    assert expected in line and not list(tmp_path.iterdir())
+
+
+def test_a_streamed_sample_records_why_and_after_how_many_tokens_it_stopped(tiny_run, tmp_path, capsys):
+    out = tmp_path / "one.jsonl"
+    assert main(["generate", "--model", str(tiny_run), "--prompt", "The ship", "--stop", "e", "--seed", "1",
+                 "--max-new-tokens", "60", "--output", str(out)]) == 0
+    printed, err = capsys.readouterr()
+    row = json.loads(out.read_text())
+    assert row["finish_reason"] == "stop" and row["new_tokens"] >= 1 and "e" not in row["text"], row
+    assert printed == "The ship" + row["text"] + "\n"
+    assert f"wrote 1 sample to {out}" in err
+
+
+def test_a_misspelled_flag_gets_a_suggestion_and_the_commands_usage(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["generate", "--model", "x", "--temprature", "0.5"])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: penwright generate") and "--max-new-tokens" in err
+    assert err.strip().endswith("unrecognized arguments: --temprature 0.5; did you mean --temperature?"), err
+
+
+def test_ctrl_c_in_interactive_stops_the_writing_and_at_the_prompt_quits(tiny_run):
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "penwright", "interactive", "--model", str(tiny_run),
+                             "--num-samples", "100000", "--max-new-tokens", "8"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True).start()
+
+    def wait_for(text: str, count: int = 1) -> None:
+        deadline = time.monotonic() + 300
+        while "".join(seen).count(text) < count:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-500:]
+            time.sleep(0.05)
+
+    try:
+        for n, prompt in enumerate(["The ship", "A door"], 1):
+            proc.stdin.write(prompt + "\n")
+            proc.stdin.flush()
+            wait_for("===== sample 3 =====", n)  # writing the first prompt's samples
+            proc.send_signal(signal.SIGINT)
+            wait_for("prompt> ", n + 1)  # back at the prompt, and it takes the next one
+        proc.send_signal(signal.SIGINT)  # at the prompt: quit
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    text = "".join(seen)
+    assert text.count("===== sample 1 =====") == 2 and "===== sample 100000" not in text
+    assert proc.stderr.read().count("[stopped]") == 2

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 
 from conftest import FillsUp, tiny_config
 from penwright import PenwrightError, TrainConfig, checkpoint, runs, train, training
+from penwright.cli import as_flags
 
 quiet = dict(log=lambda *_: None)
 SHORT_SAMPLES = dict(sample_length=8)  # the samples at the end of a run are not under test here
@@ -35,13 +36,7 @@ SHORT_SAMPLES = dict(sample_length=8)  # the samples at the end of a run are not
 
 def command(cfg: TrainConfig) -> list[str]:
     """The `penwright train` command line that builds exactly `cfg`."""
-    args = [sys.executable, "-m", "penwright", "train"]
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if value != f.default:
-            flag = "--" + f.name.replace("_", "-")
-            args += [flag] if value is True else [flag, str(value)]
-    return args
+    return [sys.executable, "-m", "penwright", "train", *as_flags(cfg)]
 
 
 def start(cfg: TrainConfig, log: Path) -> subprocess.Popen:

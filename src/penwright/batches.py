@@ -20,6 +20,7 @@ from .devices import autocast
 from .errors import PenwrightError
 from .losses import IGNORE, lm_loss
 from .tokens import TokenStore
+from .words import plural
 
 
 class Blocks:
@@ -130,15 +131,15 @@ def training_blocks(store: TokenStore, cfg: TrainConfig, rank: int = 0, world: i
     if blocks.windows == 0:
         fits = 1 << max(3, (len(tokens) - 2).bit_length() - 1)
         hint = f"use --block-size {fits} or less, or add text" if len(tokens) > 9 else "add more text"
-        raise PenwrightError(f"the training split has {len(tokens)} tokens, fewer than one block of "
+        raise PenwrightError(f"the training split has {plural(len(tokens), 'token')}, fewer than one block of "
                              f"{cfg.block_size}+1; {hint}")
     return _enough(blocks, cfg, world)
 
 
 def _enough(blocks: Blocks, cfg: TrainConfig, world: int) -> Blocks:
     if blocks.per_epoch == 0:
-        raise PenwrightError(f"the training split holds {blocks.windows} blocks of {cfg.block_size} tokens, fewer "
-                             f"than one batch of {cfg.batch_size * world}; use --batch-size "
+        raise PenwrightError(f"the training split holds {plural(blocks.windows, 'block')} of {cfg.block_size} "
+                             f"tokens, fewer than one batch of {cfg.batch_size * world}; use --batch-size "
                              f"{max(1, blocks.windows // world)} or a smaller --block-size")
     return blocks
 
@@ -183,13 +184,19 @@ class Evaluator:
         block = min(block_size, len(tokens) - 1)
         return cls(Blocks(tokens, store.mask("val"), block, 1, 0), dtype)
 
-    def batches(self, max_batches: int | None = None, batch_size: int = 8) -> int:
+    batch_size = 8  # windows per evaluation batch
+
+    @property
+    def block(self) -> int:
+        return self.blocks.block if self.blocks else 0
+
+    def batches(self, max_batches: int | None = None, batch_size: int = batch_size) -> int:
         """How many batches `loss` reads."""
         windows = self.blocks.windows if self.blocks else 0
         return min(-(-windows // batch_size), max_batches or windows)
 
     @torch.no_grad()
-    def loss(self, model, max_batches: int | None = None, batch_size: int = 8) -> float:
+    def loss(self, model, max_batches: int | None = None, batch_size: int = batch_size) -> float:
         """Token-weighted mean loss over the first `max_batches` batches of validation windows."""
         if self.blocks is None:
             return float("nan")

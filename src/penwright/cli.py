@@ -7,6 +7,7 @@ Heavy imports (torch, transformers) happen inside the commands, keeping `--help`
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from .config import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, PreviewConfig, ServeConfig, TrainConfig
 from .errors import PenwrightError
+from .words import plural
 
 
 def add_config_flags(parser: argparse.ArgumentParser, config, skip: tuple[str, ...] = ()) -> None:
@@ -31,8 +33,9 @@ def add_config_flags(parser: argparse.ArgumentParser, config, skip: tuple[str, .
         help_text = f.metadata.get("help", "")
         if default not in (None, False, []):
             help_text += f" (default: {default})"
-        if kind is bool:
-            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=help_text)
+        if kind is bool:  # --flag; one that is on by default also gets --no-flag
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, action=action, default=argparse.SUPPRESS, help=help_text)
             continue
         if f.metadata.get("action") == "append":
             parser.add_argument(flag, action="append", metavar="TEXT", default=argparse.SUPPRESS, help=help_text)
@@ -54,19 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
         prog="penwright", description="Fine-tune GPT-2-family models on your own text and write in its style.",
         epilog="Run `penwright COMMAND --help` for each command's options.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.commands = {}
     for command in COMMANDS:
         sub = commands.add_parser(command.name, help=command.summary, description=command.summary,
                                   epilog="examples:\n" + command.examples,
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
         add_config_flags(sub, command.config, command.skip)
         sub.set_defaults(command=command)
+        parser.commands[command.name] = sub  # for each command's own usage in `parse`
     return parser
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The flags, or argparse's exit 2 with the command's own usage and, for a misspelled flag,
+    the one it is closest to ("did you mean --temperature?")."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        command = parser.commands[args.command.name]
+        known = list(command._option_string_actions)
+        close = [match for arg in unknown if arg.startswith("-")
+                 for match in difflib.get_close_matches(arg.split("=")[0], known, n=1)]
+        hint = f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else ""
+        command.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # into a log file: libraries' own bars (transformers' GGUF loading) may
+        os.environ.setdefault("TQDM_MININTERVAL", "30")  # say where they are every 30 s, not 10 times a second
+    args = parse(argv)
     command = args.command
     settings = {k: v for k, v in vars(args).items() if k != "command"}
     try:
@@ -78,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         if not str(e):  # training's own stop (training.Stopped) has said what it saved
             print("\npenwright: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader left (`penwright generate ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 128 + 13  # what a shell reports for a tool that SIGPIPE ended
 
 
 def warn(message: str) -> None:
@@ -136,8 +161,8 @@ def as_flags(config, skip: tuple[str, ...] = ()) -> list[str]:
         if f.name in skip or value == default:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if value is True:
-            argv.append(flag)
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
         else:
             argv += [x for item in (value if isinstance(value, list) else [value]) for x in (flag, str(item))]
     return argv
@@ -164,10 +189,7 @@ def cmd_generate(cfg: GenerateConfig) -> None:
     writer = _writer(cfg)
     sampling = cfg.sampling()
     if len(prompts) == 1 and cfg.num_samples == 1:
-        from .generate import Sample
-
-        text = _stream(writer, prompts[0], sampling)
-        samples = [Sample(prompts[0], text, cfg.label)]
+        samples = [_stream(writer, prompts[0], sampling)]
     else:
         samples = writer.samples(prompts, sampling)
         for i, sample in enumerate(samples, 1):
@@ -178,21 +200,23 @@ def cmd_generate(cfg: GenerateConfig) -> None:
 
         lines = [json.dumps({**asdict(s), "seed": cfg.seed}) for s in samples]
         files.write_text(Path(cfg.output), "\n".join(lines) + "\n")
-        warn(f"wrote {len(samples)} samples to {cfg.output}")
+        warn(f"wrote {plural(len(samples), 'sample')} to {cfg.output}")
 
 
-def _stream(writer, prompt: str | None, sampling) -> str:
-    """Print the prompt in bold (on a terminal), then the continuation as it is written."""
+def _stream(writer, prompt: str | None, sampling):
+    """Print the prompt in bold (on a terminal), then the continuation as it is written; return the Sample."""
     bold = sys.stdout.isatty()
     if prompt:
         sys.stdout.write(f"\033[1m{prompt}\033[0m" if bold else prompt)
-    pieces = []
-    for piece in writer.stream(prompt, sampling):
-        pieces.append(piece)
+    pieces = writer.stream(prompt, sampling)
+    while True:
+        try:
+            piece = next(pieces)
+        except StopIteration as done:  # the generator's return value: the finished Sample
+            sys.stdout.write("\n")
+            return done.value
         sys.stdout.write(piece)
         sys.stdout.flush()
-    sys.stdout.write("\n")
-    return "".join(pieces)
 
 
 def _typed(prompt: str, hint: str, ctrl_c: str | None = None):
@@ -221,11 +245,16 @@ def _typed(prompt: str, hint: str, ctrl_c: str | None = None):
 def cmd_interactive(cfg: GenerateConfig) -> None:
     writer = _writer(cfg)
     sampling = cfg.sampling()
-    for prompt in _typed("prompt> ", "Type a prompt and press Enter; Ctrl+D to quit."):
-        for i in range(cfg.num_samples):
-            if cfg.num_samples > 1:
-                print(f"===== sample {i + 1} =====")
-            _stream(writer, prompt, sampling)
+    hint = "Type a prompt and press Enter. Ctrl+C stops the writing; at the prompt, Ctrl+C or Ctrl+D quits."
+    for prompt in _typed("prompt> ", hint):
+        try:
+            for i in range(cfg.num_samples):
+                if cfg.num_samples > 1:
+                    print(f"===== sample {i + 1} =====")
+                _stream(writer, prompt, sampling)
+        except KeyboardInterrupt:  # stop this prompt's samples, not the session (a second Ctrl+C quits)
+            print(flush=True)
+            print("[stopped]", file=sys.stderr)
 
 
 def cmd_chat(cfg: ChatConfig) -> None:

@@ -121,6 +121,9 @@ class DataConfig(Settings):
     prompt_column: str | None = opt(None, "CSV/JSONL column with prompts (no loss on them)")
     completion_column: str | None = opt(None, "CSV/JSONL column with completions (the loss is on these)")
     line_by_line: bool = opt(False, "make every non-empty line its own document")
+    keep_line_breaks: bool = opt(False, "keep the line breaks of hard-wrapped .txt/.md files (by default, a file "
+                                        "whose lines show it was wrapped at a fixed width, as Project Gutenberg's "
+                                        "books are, gets the lines of each paragraph joined)")
     val_fraction: float = opt(0.1, "share of documents held out for validation")
     val_file: str | None = opt(None, "use this corpus as the validation split instead of holding out")
     encoding: str = opt("utf-8", "text encoding of the corpus files, e.g. latin-1")
@@ -196,7 +199,11 @@ class TrainConfig(Runtime, PrepareConfig):
                                    "on the validation split and add them to the model card")
     sample_every: int = opt(500, "steps between printed samples (0: never)")
     sample_length: int = opt(64, "tokens per training sample")
-    save_every: int = opt(500, "steps between checkpoints (0: only at the end)")
+    save_every: int = opt(500, "steps between checkpoints (0: only at the end); each holds the weights (4 bytes a "
+                               "parameter) and the optimizer state (8 more; see --no-save-optimizer)")
+    save_optimizer: bool = opt(True, "keep AdamW's state in checkpoints, so that a resume continues exactly; "
+                                     "--no-save-optimizer makes them a third of the size (a 135M-parameter model's: "
+                                     "0.5 GB instead of 1.6 GB), and a resume then restarts the optimizer")
     keep_checkpoints: int = opt(2, "checkpoints to keep")
     log_every: int = opt(10, "steps between progress-bar and metrics.jsonl updates")
     compile: bool = opt(False, "compile the model with torch.compile")
@@ -292,7 +299,8 @@ class GenerateConfig(Runtime, SampleConfig):
     model: str | None = opt(None, "run directory (or any HF model directory, hub id or .gguf) to sample from")
     prompt: str | None = opt(None, "text to continue (default: unconditional samples)")
     prompt_file: str | None = opt(None, "file with one prompt per line")
-    output: str | None = opt(None, "also write the samples to this .jsonl file")
+    output: str | None = opt(None, "also write the samples to this .jsonl file (one JSON object per sample: "
+                                   "prompt, text, label, finish_reason, new_tokens, seed)")
     quantize: Literal["int8", "none"] = opt("int8", "on CPU in bf16, store weights as int8 for faster writing "
                                                     "(text within 1%% perplexity of fp32), or none")
     engine: Literal["auto", "penwright", "hf"] = opt(
@@ -303,6 +311,11 @@ class GenerateConfig(Runtime, SampleConfig):
     def check(self):
         _check(not (self.prompt is not None and self.prompt_file is not None),
                "give --prompt or --prompt-file, not both")
+        if self.output is not None:  # checked before any writing, which may take minutes
+            folder = os.path.dirname(os.path.expanduser(self.output)) or "."
+            _check(self.output.lower().endswith(".jsonl"), f"--output {self.output}: samples are written as JSON "
+                   "lines (prompt, text, label, ...); name the file .jsonl, e.g. --output samples.jsonl")
+            _check(os.path.isdir(folder), f"--output {self.output}: there is no folder {folder}; create it first")
 
 
 @dataclass
@@ -320,13 +333,14 @@ class EvalConfig(Runtime, SampleConfig, DataConfig):
     the models is used (and its training split for the memorisation check).
     """
 
-    model: list[str] = opt([], "run directory, model directory, hub id or .gguf to evaluate (repeat to compare)",
-                           action="append")
+    model: list[str] = opt([], "run directory, model directory, hub id or .gguf to evaluate, as PATH or "
+                               "NAME=PATH to name it in the report (repeat to compare)", action="append")
     train_data: str | None = opt(None, "training corpus to look for copied text in (default: the first run dir's)")
     out: str | None = opt(None, "folder for report.json, report.md and the charts (default: only print the table)")
     stride: int | None = opt(None, "tokens the perplexity window moves each step (default: half the context)")
     holdout_words: int = opt(20, "words held back at the end of each document for the continuation test")
-    max_documents: int = opt(100, "held-out documents used for the continuation test (perplexity uses all)")
+    max_passages: int = opt(100, "held-out passages for the continuation test: documents, and pieces of long ones "
+                                 "(perplexity uses all the text)")
     label_samples: int = opt(10, "samples per label for the label-control test")
     num_samples: int = opt(3, "continuations per held-out document (self-BLEU compares them)")
     seed: int | None = opt(1, "random seed for the samples: the same seed gives the same report")
@@ -337,7 +351,12 @@ class EvalConfig(Runtime, SampleConfig, DataConfig):
         _check(len(set(self.model)) == len(self.model), "the same --model is given twice")
         _check(self.label is None, "eval conditions each document on its own label; drop --label")
         _check(self.stride is None or self.stride >= 1, f"--stride must be at least 1, got {self.stride}")
-        _at_least(self, 1, "holdout_words", "max_documents", "label_samples")
+        _at_least(self, 1, "holdout_words", "max_passages", "label_samples")
+        self.models()  # refuses clashing names now rather than after the first model's scores
+
+    def models(self) -> dict[str, str]:
+        """Name in the report -> model. A name is NAME from NAME=PATH, else the --model as given."""
+        return named_models(self.model, lambda spec: spec)
 
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -370,15 +389,20 @@ class ServeConfig(Runtime):
 
     def models(self) -> dict[str, str]:
         """Model name -> path. A name is NAME from NAME=PATH, else the folder's own name."""
-        out = {}
-        for spec in self.model:
-            name, sep, path = spec.partition("=")
-            if not (sep and MODEL_NAME.match(name)):
-                name, path = os.path.basename(os.path.normpath(spec)), spec
-            _check(bool(path), f"--model {spec!r}: give a path after the '='")
-            _check(name not in out, f"two --model flags are both named {name!r}: name them with --model NAME=PATH")
-            out[name] = path
-        return out
+        return named_models(self.model, lambda spec: os.path.basename(os.path.normpath(spec)))
+
+
+def named_models(specs: list[str], default_name) -> dict[str, str]:
+    """NAME=PATH or PATH flags as name -> path (`default_name(PATH)` names a bare PATH); refuses clashes."""
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not (sep and MODEL_NAME.match(name)):
+            name, path = default_name(spec), spec
+        _check(bool(path), f"--model {spec!r}: give a path after the '='")
+        _check(name not in out, f"two --model flags are both named {name!r}: name them with --model NAME=PATH")
+        out[name] = path
+    return out
 
 
 @dataclass

@@ -3,6 +3,9 @@
 Knows nothing of tokenizers or torch: it turns files into `Document`s, or `Conversation`s for the
 three shapes chat data comes in (OpenAI `messages`, ShareGPT `conversations`, Alpaca), and says
 what it read. A malformed row is named by file and line; `--max-bad-rows` of them are skipped.
+Plain-text files that were hard-wrapped at a fixed width (Project Gutenberg's books are, at about
+70 characters) have the lines of each paragraph joined (`reflow`), so that a model learns the
+author's paragraphs rather than the wrapper's line breaks; `--keep-line-breaks` keeps them.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,6 +27,7 @@ from .config import DataConfig
 from .errors import PenwrightError
 
 TEXT_SUFFIXES = (".txt", ".md")
+ROW_SUFFIXES = (".csv", ".jsonl", ".json")  # corpora of rows; every other file is plain text
 MIN_DOCS_TO_SPLIT_BY_DOCUMENT = 10
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -88,6 +93,8 @@ class Corpus:
     labels: Counter = field(default_factory=Counter)
     fingerprint: str = ""  # a hash of every file's name and bytes: the token cache's key
     skipped: int = 0  # malformed rows left out (--max-bad-rows)
+    reflowed: dict[Path, int] = field(default_factory=dict)  # hard-wrapped file -> the width it was wrapped at
+    labelled: bool = False  # read with --label-column
 
     @property
     def conversations(self) -> bool:
@@ -95,13 +102,16 @@ class Corpus:
 
     def stats(self) -> dict:
         docs = self.train + self.val
+        unlabelled = {"unlabelled_documents": sum(d.label is None for d in docs)} if self.labelled else {}
         stats = {
             "files": len(self.files),
+            "reflowed_files": len(self.reflowed),
             "documents": len(docs),
             "train_documents": len(self.train),
             "val_documents": len(self.val),
             "characters": sum(len(d.text) + len(d.prompt or "") for d in docs),
             "labels": dict(sorted(self.labels.items())),
+            **unlabelled,  # rows whose label cell is empty: they train without a control token
         }
         if self.conversations:
             stats.update(conversations=len(docs), turns=sum(len(d.turns) for d in docs))
@@ -112,10 +122,10 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     """Read `cfg.data` (and `cfg.val_file`) and split it into train and validation documents."""
     if not cfg.data:
         raise PenwrightError("no corpus given: pass --data FILE_OR_FOLDER")
-    hasher, bad = hashlib.sha256(), BadRows(cfg.max_bad_rows)
-    files, docs = read_documents(Path(cfg.data), cfg, hasher, bad)
+    hasher, bad, reflowed = hashlib.sha256(), BadRows(cfg.max_bad_rows), {}
+    files, docs = read_documents(Path(cfg.data), cfg, hasher, bad, reflowed)
     if cfg.val_file:
-        val_files, val = read_documents(Path(cfg.val_file), cfg, hasher, bad)
+        val_files, val = read_documents(Path(cfg.val_file), cfg, hasher, bad, reflowed)
         files += val_files
         train = docs
     else:
@@ -126,12 +136,13 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         raise PenwrightError(f"{cfg.data} and {cfg.val_file}: one holds conversations and the other plain "
                              "text; give both in the same form")
     labels = Counter(d.label for d in train + val if d.label is not None)
-    return Corpus(train, val, files, labels, hasher.hexdigest(), bad.seen)
+    return Corpus(train, val, files, labels, hasher.hexdigest(), bad.seen, reflowed, cfg.label_column is not None)
 
 
-def read_documents(path: Path, cfg: DataConfig, hasher=None,
-                   bad: BadRows | None = None) -> tuple[list[Path], list[Document] | list[Conversation]]:
-    """All documents under `path`, and the files they came from; `hasher` sees each file's name and bytes."""
+def read_documents(path: Path, cfg: DataConfig, hasher=None, bad: BadRows | None = None,
+                   reflowed: dict | None = None) -> tuple[list[Path], list[Document] | list[Conversation]]:
+    """All documents under `path`, and the files they came from; `hasher` sees each file's name and bytes,
+    `reflowed` gets each hard-wrapped text file whose lines were joined, with the width it was wrapped at."""
     files = corpus_files(path)
     bad = bad or BadRows(cfg.max_bad_rows)
     docs: list[Document] = []
@@ -139,7 +150,12 @@ def read_documents(path: Path, cfg: DataConfig, hasher=None,
         data = _read(file)
         if hasher is not None:
             hasher.update(os.fsencode(file.name) + b"\0" + len(data).to_bytes(8, "little") + data)
-        docs += _parse(file, _decode(file, data, cfg.encoding), cfg, bad)
+        text = _decode(file, data, cfg.encoding)
+        if _is_text(file) and not (cfg.keep_line_breaks or cfg.line_by_line) and (width := wrap_width(text)):
+            text = reflow(text, width)
+            if reflowed is not None:
+                reflowed[file] = width
+        docs += _parse(file, text, cfg, bad)
     if hasher is not None:
         hasher.update(b"\1")
     return files, docs
@@ -180,11 +196,71 @@ def _decode(file: Path, data: bytes, encoding: str) -> str:
     return text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
 
 
+# --- hard-wrapped text ----------------------------------------------------------------------------
+
+WRAP_WIDTHS = (40, 100)  # the widths text is hard-wrapped at (Gutenberg: about 70; email: 72-80)
+MIN_WRAPPED_LINES = 20  # fewer lines than this say nothing about wrapping
+# A line that starts something of its own, whose break before it is the author's: indented (a new
+# paragraph, verse, code, a quotation), a list item, a table row, a heading, a quote or a fence.
+OWN_LINE = re.compile(r"^(\s|[-*+\u2022]\s|\d{1,2}[.)]\s|[A-Za-z][.)]\s|[|#>]|```|~~~)")
+
+
+def wrap_width(text: str) -> int | None:
+    """The width `text` was hard-wrapped at, or None when its lines show no wrapping.
+
+    A wrapper breaks a line only where the next word would not fit, so nearly every line inside a
+    paragraph ends within a word of the width. Paragraphs written on one line each, verse, code and
+    lists do not look like that: their lines end where the author ended them.
+    """
+    lines = text.split("\n")
+    lengths = sorted(len(line.rstrip()) for line in lines if line.strip())
+    if len(lengths) < MIN_WRAPPED_LINES:
+        return None
+    width = lengths[int(0.95 * (len(lengths) - 1))]
+    inner = [(line, after) for line, after in zip(lines, lines[1:]) if line.strip() and after.strip()]
+    if not WRAP_WIDTHS[0] <= width <= WRAP_WIDTHS[1] or len(inner) < len(lengths) / 2:
+        return None  # lines too short or too long for wrapping, or mostly one-line paragraphs
+    broken = sum(_broken_by_wrapper(line, after, width) for line, after in inner)
+    return width if broken >= 0.6 * len(inner) else None
+
+
+def _broken_by_wrapper(line: str, after: str, width: int) -> bool:
+    """The next line's first word would have overflowed this one: the wrapper, not the author, broke it."""
+    return len(line.rstrip()) + 1 + len(after.split()[0]) > width and not OWN_LINE.match(after)
+
+
+def reflow(text: str, width: int) -> str:
+    """Join the lines of each paragraph that a wrapper at `width` broke. Blank-line paragraph breaks
+    stay, and so do the lines of verse, lists, tables and code (fenced code is left whole)."""
+    lines = text.split("\n")
+    out, fenced = lines[:1], lines[0].startswith(("```", "~~~"))
+    for line, after in zip(lines, lines[1:]):
+        if after.startswith(("```", "~~~")):
+            fenced = not fenced
+        if not fenced and line.strip() and after.strip() and _broken_by_wrapper(line, after, width):
+            joined = out[-1].rstrip()
+            # A wrapper may break after a hyphen ("well-" / "known"): join those without a space.
+            out[-1] = joined + ("" if re.search(r"\S-$", joined) else " ") + after.strip()
+        else:
+            out.append(after)
+    return "\n".join(out)
+
+
+def _is_text(file: Path) -> bool:
+    return file.suffix.lower() not in ROW_SUFFIXES
+
+
 def _parse(file: Path, text: str, cfg: DataConfig, bad: BadRows) -> list[Document] | list[Conversation]:
     suffix = file.suffix.lower()
     rows = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".json": _json_rows}.get(suffix)
     if rows is not None:
         return _rows_to_documents(file, rows(file, text, bad), cfg, bad)
+    columns = {"label_column": cfg.label_column, "prompt_column": cfg.prompt_column,
+               "text_column": None if cfg.text_column == "text" else cfg.text_column}
+    if given := next((name for name, value in columns.items() if value is not None), None):
+        raise PenwrightError(f"--{given.replace('_', '-')} reads a column of a .csv, .jsonl or .json corpus, and "
+                             f"{file} is plain text: put each text (and its label) in a row of a CSV file, "
+                             "or drop the flag")
     if cfg.line_by_line:
         return [Document(line.strip()) for line in text.split("\n") if line.strip()]
     return [Document(text.strip())] if text.strip() else []

@@ -157,8 +157,10 @@ def agree(reason: str | None, ranks: Ranks, device: torch.device) -> str | None:
     return reason or ("a signal to another rank" if flag.item() else None)
 
 
-def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict | None, dict]:
-    """Full weights (under FSDP; None means "the model's own") and the full optimizer state, on rank 0.
+def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+               fsdp: bool) -> tuple[dict | None, dict | None]:
+    """Full weights (under FSDP; None means "the model's own") and the full optimizer state (None
+    without an optimizer: --no-save-optimizer), on rank 0.
 
     Every rank must call this: under FSDP it gathers the shards. The optimizer state is keyed by
     parameter name, not position, which is what lets `load_optimizer` reshard it for any world size.
@@ -167,7 +169,7 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: b
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     weights = get_model_state_dict(model, options=options) if fsdp and dist.is_initialized() else None
-    return weights, get_optimizer_state_dict(model, optimizer, options=options)
+    return weights, None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

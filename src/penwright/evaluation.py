@@ -30,11 +30,14 @@ from .config import EvalConfig, SampleConfig, TrainConfig
 from .corpus import BadRows, Conversation, Document, load_corpus, read_documents
 from .errors import PenwrightError
 from .generate import Chat, Writer, load
-from .runs import RunDir, learned_context, plot_losses, read_metrics
+from .runs import RunDir, plot_losses, read_metrics, trained_context
 from .tokens import encode_texts
+from .words import plural
 
 COPY_TOKENS = 50  # a sample holding a verbatim copy of this many training tokens counts as reciting
 EXAMPLES = 3  # continuations shown per model in report.md
+PASSAGE_WORDS = 200  # a held-out document of twice this many words or more is cut into passages this long
+FEW_PASSAGES = 10  # a continuation test on fewer passages than this gets a warning: its scores are noisy
 
 
 def evaluate(cfg: EvalConfig, log=print) -> dict:
@@ -42,20 +45,29 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     out = Path(cfg.out) if cfg.out else None
     if out and out.exists() and not out.is_dir():
         raise PenwrightError(f"--out {out} is a file; give a folder for the report")
-    for spec in cfg.model:
+    models = cfg.models()
+    for spec in models.values():
         sources.resolve(spec)  # a missing model directory fails now, not after the first model's scores
     docs, source, train_texts, train_source = held_out(cfg)
     report = {"held_out": {"source": source, "documents": len(docs), "training_text": train_source},
               "settings": {k: v for k, v in asdict(cfg).items() if k not in ("model", "out")},
               "models": {}}
-    for spec in cfg.model:
-        log(f"evaluating {spec}")
+    chats = any(isinstance(d, Conversation) for d in docs)  # one passage each: the last reply
+    passages = min(len(docs), cfg.max_passages) if chats else len(continuation_cases(docs, cfg.holdout_words,
+                                                                                   cfg.max_passages))
+    if passages < FEW_PASSAGES:
+        log(f"warning: the continuation test rests on {plural(passages, 'passage')} of held-out text, so its "
+            "BLEU and chrF are noisy; hold out more text for figures to compare")
+    for name, spec in models.items():
+        log(f"evaluating {spec}" if name == spec else f"evaluating {name} ({spec})")
         # transformers' engine: perplexity runs writer.model on whole windows; long prompts are cut on purpose
         writer = load(spec, cfg.precision, cfg.device, log=lambda *_: None, engine="hf")
-        report["models"][spec] = score(writer, docs, cfg, train_texts, label_test=True)
+        # A run dir is scored within the block it was trained on: past it, a fine-tune is the base model.
+        writer.context = min(writer.context, trained_context(spec) or writer.context)
+        report["models"][name] = score(writer, docs, cfg, train_texts, label_test=True)
         del writer  # free this model before the next one loads
     if out:
-        write_report(report, out, [m for m in cfg.model if _is_run(m)])
+        write_report(report, out, {name: spec for name, spec in models.items() if _is_run(spec)})
         log(f"report written to {out}")
     return report
 
@@ -66,10 +78,10 @@ def score(writer: Writer, docs: list[Document] | list[Conversation], cfg: EvalCo
     conversations, perplexity is the replies' and the continuation test writes each last reply."""
     chats = any(isinstance(d, Conversation) for d in docs)
     if chats:
-        cases = reply_cases(writer, docs, cfg.holdout_words, cfg.max_documents)
+        cases = reply_cases(writer, docs, cfg.holdout_words, cfg.max_passages)
         result = {"perplexity": reply_perplexity(writer, docs, cfg.batch_size)}
     else:
-        cases = continuation_cases(docs, cfg.holdout_words, cfg.max_documents)
+        cases = continuation_cases(docs, cfg.holdout_words, cfg.max_passages)
         result = {"perplexity": perplexity(writer, docs, cfg.stride, cfg.batch_size)}
     # The prompt keeps at least half the context: the ending depends on what came before.
     sampling = replace(cfg.sampling(), max_new_tokens=min(cfg.max_new_tokens, writer.context // 2))
@@ -77,7 +89,8 @@ def score(writer: Writer, docs: list[Document] | list[Conversation], cfg: EvalCo
     endings = [" ".join(s.split()[:cfg.holdout_words]) for s in samples]
     per_case = [samples[i:i + cfg.num_samples] for i in range(0, len(samples), cfg.num_samples)]
     result["continuation"] = {**overlap(endings, [c.ending for c in cases for _ in range(cfg.num_samples)]),
-                              "documents": len(cases), "holdout_words": cfg.holdout_words,
+                              "passages": len(cases), "documents": len({c.document for c in cases}),
+                              "holdout_words": cfg.holdout_words,
                               "max_new_tokens": sampling.max_new_tokens,
                               "too_short_documents": 0 if chats else
                               sum(len(d.text.split()) <= cfg.holdout_words for d in docs)}
@@ -93,7 +106,7 @@ def score(writer: Writer, docs: list[Document] | list[Conversation], cfg: EvalCo
 
 def held_out(cfg: EvalConfig) -> tuple[list[Document], str, list[str] | None, str | None]:
     """Held-out documents and training texts: --data/--train-data, else the first run dir's splits."""
-    run = next((m for m in cfg.model if _is_run(m)), None)
+    run = next((m for m in cfg.models().values() if _is_run(m)), None)
     run_corpus = _run_corpus(run) if run and not (cfg.data and cfg.train_data) else None
     if cfg.data:
         docs, source = read_documents(Path(cfg.data), cfg)[1], cfg.data
@@ -228,24 +241,30 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
 
 @dataclass
 class Case:
-    prompt: str  # the document without its ending
+    prompt: str | Chat  # the passage without its ending (or a conversation before its last reply)
     ending: str  # the held-back words, joined by single spaces
     label: str | None
+    document: int  # which held-out document the passage is from
 
 
 def continuation_cases(docs: list[Document], words: int, limit: int) -> list[Case]:
-    """Split the last `words` words off each document that has more, for at most `limit` documents."""
+    """The continuation test's passages, at most `limit` spread over them: each held-out document, or for
+    one of 2 x PASSAGE_WORDS words or more, consecutive pieces of it; the last `words` words are held back."""
     cases = []
-    for doc in docs:
+    for number, doc in enumerate(docs):
         starts = [m.start() for m in re.finditer(r"\S+", doc.text)]
-        if len(starts) > words:
-            cut = starts[-words]
-            prompt, ending = (doc.prompt or "") + doc.text[:cut].rstrip(), " ".join(doc.text[cut:].split())
-            cases.append(Case(prompt, ending, doc.label))
+        pieces = max(1, len(starts) // max(PASSAGE_WORDS, 2 * words))
+        bounds = [len(starts) * k // pieces for k in range(pieces + 1)]
+        for k, (first, end) in enumerate(zip(bounds, bounds[1:])):
+            if end - first > words:
+                cut, stop = starts[end - words], starts[end] if end < len(starts) else len(doc.text)
+                head = (doc.prompt or "") if k == 0 else ""  # a prompt/completion row's prompt leads its first
+                cases.append(Case(head + doc.text[starts[first]:cut].rstrip(), " ".join(doc.text[cut:stop].split()),
+                                  doc.label, number))
     if not cases:
         longest = max(len(d.text.split()) for d in docs)
         raise PenwrightError(f"--holdout-words {words} leaves nothing to continue from: the longest held-out "
-                             f"document has {longest} words; use --holdout-words {max(1, longest // 4)} "
+                             f"document has {plural(longest, 'word')}; use --holdout-words {max(1, longest // 4)} "
                              "or longer documents")
     picked = np.unique(np.linspace(0, len(cases) - 1, min(limit, len(cases))).round().astype(int))
     return [cases[i] for i in picked]
@@ -257,13 +276,13 @@ def reply_cases(writer: Writer, conversations: list[Conversation], words: int, l
     from .chat import RenderError, render
 
     cases = []
-    for conversation in conversations:
+    for number, conversation in enumerate(conversations):
         last = max(i for i, turn in enumerate(conversation.turns) if turn.role == "assistant")
         try:
             prompt = render(writer.tokenizer, conversation.messages()[:last], add_generation_prompt=True)
         except RenderError:
             continue
-        cases.append(Case(Chat(prompt), " ".join(conversation.turns[last].content.split()[:words]), None))
+        cases.append(Case(Chat(prompt), " ".join(conversation.turns[last].content.split()[:words]), None, number))
     if not cases:
         return []
     picked = np.unique(np.linspace(0, len(cases) - 1, min(limit, len(cases))).round().astype(int))
@@ -429,7 +448,7 @@ def end_of_training(writer: Writer, cfg: TrainConfig, log=print) -> dict:
             raise PenwrightError("there is no validation split")
         # The training model, quiet about prompts cut to fit: that is what the test wants.
         quiet = Writer(writer.model, writer.tokenizer, writer.autocast, log=lambda *_: None)
-        quiet.context = min(quiet.context, learned_context(cfg.out) or quiet.context)
+        quiet.context = min(quiet.context, cfg.block_size or quiet.context)  # the block it was trained on
         result = score(quiet, docs, EvalConfig(model=[str(cfg.out)], seed=cfg.seed, batch_size=cfg.batch_size))
     except PenwrightError as e:
         log(f"--eval-at-end skipped: {e}")
@@ -437,7 +456,8 @@ def end_of_training(writer: Writer, cfg: TrainConfig, log=print) -> dict:
     ppl, cont = result["perplexity"], result["continuation"]
     return {"eval perplexity (sliding window)": f"{ppl['perplexity']:.2f}",
             "eval bits per byte": f"{ppl['bits_per_byte']:.4f}",
-            f"continuation BLEU / chrF (last {cont['holdout_words']} words of {cont['documents']} documents)":
+            f"continuation BLEU / chrF (last {plural(cont['holdout_words'], 'word')} of "
+            f"{plural(cont['passages'], 'passage')})":
                 f"{cont['bleu']:.2f} / {cont['chrf']:.2f}"}
 
 
@@ -446,6 +466,8 @@ def end_of_training(writer: Writer, cfg: TrainConfig, log=print) -> dict:
 COLUMNS = [  # (heading, path into a model's results, format)
     ("perplexity", ("perplexity", "perplexity"), "{:.2f}"),
     ("bits/byte", ("perplexity", "bits_per_byte"), "{:.3f}"),
+    ("context", ("perplexity", "context"), "{:,} tokens"),
+    ("passages", ("continuation", "passages"), "{}"),
     ("BLEU", ("continuation", "bleu"), "{:.2f}"),
     ("chrF", ("continuation", "chrf"), "{:.2f}"),
     ("distinct-1", ("diversity", "distinct_1"), "{:.3f}"),
@@ -476,15 +498,15 @@ def table(report: dict):
     return grid
 
 
-def write_report(report: dict, out: Path, runs: list[str]) -> None:
-    """report.json, report.md, and charts of perplexity, BLEU and the training losses of run dirs."""
+def write_report(report: dict, out: Path, runs: dict[str, str]) -> None:
+    """report.json, report.md, and charts of perplexity, BLEU and the training losses of `runs` (name -> run dir)."""
     out.mkdir(parents=True, exist_ok=True)
     names = list(report["models"])
     charts = {"perplexity.png": ("perplexity", [report["models"][n]["perplexity"]["perplexity"] for n in names]),
               "bleu.png": ("continuation BLEU", [report["models"][n]["continuation"]["bleu"] for n in names])}
     for file, (metric, values) in charts.items():
         _bar_chart(names, values, metric, out / file)
-    curves = {run: read_metrics(Path(run) / "metrics.jsonl") for run in runs}
+    curves = {name: read_metrics(Path(run) / "metrics.jsonl") for name, run in runs.items()}
     if any(curves.values()):
         plot_losses(curves, out / "loss.png")
         charts["loss.png"] = ("training loss", [])
@@ -493,28 +515,44 @@ def write_report(report: dict, out: Path, runs: list[str]) -> None:
 
 
 def _bar_chart(names: list[str], values: list[float], metric: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(names)), dpi=110)
-    bars = ax.barh(names, values, color="#4c72b0")  # horizontal: long model paths stay readable
-    ax.bar_label(bars, fmt="%.2f", padding=3)
-    ax.invert_yaxis()  # first model on top, as in the table
-    ax.set_xlabel(metric)
-    ax.set_title(f"{metric} per model")
-    ax.margins(x=0.15)
-    fig.tight_layout()
+    fig = bar_figure(names, values, metric)
     with files.replacing(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
+def bar_figure(names: list[str], values: list[float], metric: str):
+    """One horizontal bar per model, its value written at the end, every name whole (wrapped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [_wrap(name) for name in names]
+    rows = sum(label.count("\n") + 1 for label in labels)
+    fig, ax = plt.subplots(figsize=(8, 1.4 + 0.3 * rows + 0.3 * len(names)), dpi=110)
+    ax.barh(range(len(names)), values, color="#4c72b0")  # horizontal: long model names stay readable
+    ax.set_yticks(range(len(names)), labels, fontsize=8)
+    for y, value in enumerate(values):  # inside the axes, so that no value is cut off at the edge
+        ax.text(value, y, f" {value:.2f}", va="center", fontsize=9)
+    ax.set_xlim(0, 1.25 * max([v for v in values if math.isfinite(v)] + [1e-9]))
+    ax.invert_yaxis()  # first model on top, as in the table
+    ax.set_xlabel(metric)
+    ax.set_title(f"{metric} per model")
+    fig.tight_layout()
+    return fig
+
+
+def _few(report: dict) -> bool:
+    return any(r["continuation"]["passages"] < FEW_PASSAGES for r in report["models"].values())
+
+
 def _markdown(report: dict, charts: list[str]) -> str:
     held, settings = report["held_out"], report["settings"]
     lines = ["# penwright eval", "",
-             f"Held-out text: {held['source']} ({held['documents']} documents). "
+             f"Held-out text: {held['source']} ({plural(held['documents'], 'document')}). "
              f"Copies are looked for in: {held['training_text'] or 'nothing (pass --train-data)'}.", "",
              "| metric | " + " | ".join(f"`{name}`" for name in report["models"]) + " |",
              "| --- |" + " ---: |" * len(report["models"])]
@@ -527,11 +565,14 @@ def _markdown(report: dict, charts: list[str]) -> str:
               "- **perplexity** and **bits per byte**: of the assistant's replies alone (each with its "
               "end-of-turn token), each conversation read on its own; the BLEU test writes each last reply, "
               "comparing its first words." if chats else
-              "- **perplexity** and **bits per byte**: sliding window over the held-out text (stride "
-              f"{settings['stride'] or 'half the context'}); only the documents' text is scored, "
+              "- **perplexity** and **bits per byte**: sliding window over the held-out text, as wide as the "
+              "*context* row (a run dir's: the block it was trained on), stride "
+              f"{settings['stride'] or 'half the context'}; only the documents' text is scored, "
               "not labels or prompts.",
-              f"- **BLEU** and **chrF** (sacrebleu, 0-100): the last {settings['holdout_words']} words of each "
-              "document were held back and written by the model from the rest; corpus-level scores.",
+              f"- **BLEU** and **chrF** (sacrebleu, 0-100): the last {plural(settings['holdout_words'], 'word')} "
+              "of each of the *passages* were held back and written by the model from the rest of the passage; "
+              f"corpus-level scores. A passage is a held-out document, or a piece of about {PASSAGE_WORDS} "
+              "words of a long one." + (" **Few passages: these scores are noisy.**" if _few(report) else ""),
               f"- Sampling: {sampling} (new tokens are capped at half of each model's context).",
               "- **distinct-n**: unique n-word sequences / n-word sequences over all samples; **self-BLEU**: BLEU of "
               "each sample against the other samples for the same document (lower is more varied).",
@@ -542,18 +583,35 @@ def _markdown(report: dict, charts: list[str]) -> str:
     lines += [f"![{name}]({name})" for name in charts] + [""]
     for name, result in report["models"].items():
         cont, labels = result["continuation"], result["label_control"]
-        lines += [f"## {name}", "", f"Continuation test on {cont['documents']} documents "
-                  f"({cont['too_short_documents']} had {cont['holdout_words']} words or fewer), "
-                  f"at most {cont['max_new_tokens']} new tokens each."]
+        lines += [f"## {name}", "", f"Continuation test on {plural(cont['passages'], 'passage')} from "
+                  f"{plural(cont['documents'], 'document')} ({cont['too_short_documents']} had "
+                  f"{plural(cont['holdout_words'], 'word')} or fewer), at most {cont['max_new_tokens']} new tokens "
+                  f"and {plural(settings['num_samples'], 'sample')} each; perplexity on "
+                  f"{plural(result['perplexity']['tokens'], 'token')} in a {result['perplexity']['context']}-token "
+                  "window."]
         if labels:
             per_label = ", ".join(f"{k} {v:.0%}" for k, v in labels["per_label"].items())
             lines.append(f"Label control: {labels['accuracy']:.0%} recognised "
-                         f"(chance {labels['chance']:.0%}): {per_label}.")
+                         f"(chance {labels['chance']:.0%}; {plural(labels['samples_per_label'], 'sample')} "
+                         f"per label): {per_label}.")
         lines.append("")
         for example in result["examples"]:
             lines += [f"> ...{_one_line(example['prompt_end'][-120:])}", ">", f"> **real:** {example['reference']}",
                       ">", f"> **written:** {_one_line(example['generated'])}", ""]
     return "\n".join(lines)
+
+
+def _wrap(name: str, width: int = 32) -> str:
+    """A long model name (a path, a .gguf file) on several lines, broken after / _ - . where it can be."""
+    lines = [""]
+    for piece in re.findall(r"[^/_.-]*[/_.-]?", name):
+        while len(piece) > width:  # no break in sight: cut it
+            lines += [piece[:width], ""]
+            piece = piece[width:]
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append("")
+        lines[-1] += piece
+    return "\n".join(line for line in lines if line)
 
 
 def _one_line(text: str) -> str:

@@ -37,7 +37,13 @@ def export(cfg: ExportConfig, log=print, report=print):
         from .lora import export_merged
 
         return export_merged(cfg.merge, cfg.out, log=log)
-    return export_gguf(cfg, log=log, report=report)
+    from .runs import locked
+
+    run = source(cfg.gguf)
+    if _is_checkpoint(run):  # published checkpoints do not change: one may be exported while training goes on
+        return export_gguf(cfg, log=log, report=report)
+    with locked(run, "export"):  # no training may change the run while it is read
+        return export_gguf(cfg, log=log, report=report)
 
 
 def export_gguf(cfg: ExportConfig, log=print, report=print) -> Path:

@@ -21,6 +21,7 @@ from . import gpt2, llama
 from .config import SampleConfig
 from .engine import Model, Stepper, folder_problem, read_config
 from .errors import PenwrightError
+from .words import plural
 
 CONTROL = re.compile(r"^<\|([^=|]+)=(.+)\|>$")
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
@@ -53,6 +54,7 @@ class Writer:
             from .models import context_length
 
             self.context = context_length(model)
+        self._capped = None  # the --max-new-tokens last said to be more than the context holds
         self.labels = {}  # label value -> control token id
         for token, token_id in tokenizer.get_added_vocab().items():
             if match := CONTROL.match(token):
@@ -169,9 +171,13 @@ class Writer:
             head.append(self.labels[cfg.label])
         body = self.tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
         max_new = min(cfg.max_new_tokens, self.context - len(head) - 1)
+        if max_new < cfg.max_new_tokens and self._capped != cfg.max_new_tokens:  # said once, not per sample
+            self._capped = cfg.max_new_tokens
+            self.log(f"warning: --max-new-tokens {cfg.max_new_tokens} is more than the model's "
+                     f"{self.context}-token context holds; writing at most {max_new} new tokens")
         room = self.context - max_new - len(head)
         if len(body) > room:
-            self.log(f"warning: prompt is {len(body)} tokens, more than the {room} that fit with "
+            self.log(f"warning: prompt is {plural(len(body), 'token')}, more than the {room} that fit with "
                      f"{max_new} new tokens in a {self.context}-token context; keeping its last {room}")
             body = body[len(body) - room:]
         return head + body, max_new

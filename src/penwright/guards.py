@@ -13,6 +13,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import PenwrightError
+from .words import plural
 
 
 class StopFlag:
@@ -65,9 +66,9 @@ class FiniteGuard:
         if skipped > self.limit:
             kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
             raise PenwrightError(
-                f"training stopped at step {step}: {skipped} steps had a non-finite loss or gradient (the first at "
-                f"step {int(self.first)}), more than --max-bad-steps {self.limit}; {kept}. Try a lower --lr or "
-                "--precision fp32, or look for broken text in the corpus")
+                f"training stopped at step {step}: {plural(skipped, 'step')} had a non-finite loss or gradient "
+                f"(the first at step {int(self.first)}), more than --max-bad-steps {self.limit}; {kept}. "
+                "Try a lower --lr or --precision fp32, or look for broken text in the corpus")
 
 
 @contextmanager

@@ -83,6 +83,13 @@ def _into_empty(tmp: Path, target: Path) -> None:
 
 def export_merged(run: str, out: str, log=print) -> Path:
     """Write the merged model of LoRA run `run` to the new folder `out`, all at once or not at all."""
+    from .runs import locked
+
+    with locked(Path(run), "export"):  # no training may change the run while it is read
+        return _export(run, out, log)
+
+
+def _export(run: str, out: str, log) -> Path:
     from .models import save_model
     from .tokens import load_tokenizer
 

@@ -7,24 +7,33 @@
       metrics.jsonl    one JSON record per logged step, evaluation and sample
       loss.png         training and validation loss
       checkpoints/     step-NNNNNNNN/ (see checkpoint.py)
+      .lock            held (flock) by the process training or exporting the run, with its pid
+
+One process at a time may train or export a run: `lock` takes an OS file lock, which the kernel
+drops when the process ends, however it ends (SIGKILL included), so a lock is never left stuck.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 from . import files
 from .config import TrainConfig
 from .errors import PenwrightError
+from .words import plural
 
 RUN_FILE = "penwright.json"
+LOCK_FILE = ".lock"
 # Settings that make a run a different run; changing others (steps, eval cadence) is fine on resume.
 IDENTITY = ("data", "val_file", "model", "init", "preset", "tokenizer", "text_column", "label_column",
-            "prompt_column", "completion_column", "line_by_line", "val_fraction", "block_size", "seed", "lora",
-            "format", "train_on")
+            "prompt_column", "completion_column", "line_by_line", "keep_line_breaks", "val_fraction", "block_size",
+            "seed", "lora", "format", "train_on")
 
 
 class RunDir:
@@ -36,39 +45,61 @@ class RunDir:
 
     @classmethod
     def claim(cls, cfg: TrainConfig) -> "RunDir":
-        """Check that --out may hold this run (honouring --resume and --overwrite); changes nothing yet."""
+        """Check that --out may hold this run (honouring --resume and --overwrite) and hold its lock
+        (`release` lets go); changes nothing yet."""
         if not cfg.out:
             raise PenwrightError("no run directory given: pass --out runs/NAME")
         run = cls(Path(cfg.out))
         if run.path.exists() and not run.path.is_dir():
             raise PenwrightError(f"--out {run.path} is a file; give a folder")
+        if run.path.is_dir():
+            lock(run.path, "train")  # before looking inside: a run in progress is no state to judge
+        try:
+            run._check(cfg)
+        except BaseException:
+            release(run.path)
+            raise
+        return run
+
+    def _check(self, cfg: TrainConfig) -> None:
+        """Whether --out may hold this run: empty, or this run again with --resume, or --overwrite."""
         # Hidden names are temporary files of an atomic write a crash cut short: they do not count.
-        if run.path.is_dir() and any(not p.name.startswith(".") for p in run.path.iterdir()):
-            previous = run.read_config()
+        if self.path.is_dir() and any(not p.name.startswith(".") for p in self.path.iterdir()):
+            previous = self.read_config()
             if cfg.overwrite:
-                if previous is None and not (run.path / "config.json").is_file():
-                    raise PenwrightError(f"--out {run.path} holds files that are not a penwright run; "
+                if previous is None and not (self.path / "config.json").is_file():
+                    raise PenwrightError(f"--out {self.path} holds files that are not a penwright run; "
                                          "refusing to delete them even with --overwrite: choose another --out")
-                run.replace = True
+                self.replace = True
             elif previous is None:
-                raise PenwrightError(f"--out {run.path} is not empty and holds no penwright run; choose another folder")
+                raise PenwrightError(f"--out {self.path} is not empty and holds no penwright run; "
+                                     "choose another folder")
             elif not cfg.resume:
-                raise PenwrightError(f"--out {run.path} already holds a run: add --resume to continue it "
+                raise PenwrightError(f"--out {self.path} already holds a run: add --resume to continue it "
                                      "or --overwrite to start again")
             else:
                 # a setting newer than the run's penwright.json had its default there
                 defaults = {k: TrainConfig.__dataclass_fields__[k].default for k in IDENTITY}
                 changed = [k for k in IDENTITY if previous.get(k, defaults[k]) != getattr(cfg, k)]
                 if changed:
-                    raise PenwrightError(f"--out {run.path} holds a different run (--{changed[0].replace('_', '-')} "
+                    raise PenwrightError(f"--out {self.path} holds a different run (--{changed[0].replace('_', '-')} "
                                          f"was {previous.get(changed[0])!r}); use another --out or --overwrite")
-        return run
 
     def create(self) -> None:
-        """Make the folder (emptying it first for --overwrite), once the run's inputs have been checked."""
+        """Make the folder (emptying it first for --overwrite), once the run's inputs have been checked,
+        and hold its lock if `claim` found no folder to lock."""
         if self.replace:
-            files.remove(self.path)
+            for entry in self.path.iterdir():
+                if entry.name != LOCK_FILE:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if self.path.is_dir() and held(self.path):
+            return
         self.path.mkdir(parents=True, exist_ok=True)
+        lock(self.path, "train")
+        if any(not p.name.startswith(".") for p in self.path.iterdir()):
+            release(self.path)
+            raise PenwrightError(f"--out {self.path}: another process started a run there meanwhile; "
+                                 "choose another --out")
 
     # --- settings and results -----------------------------------------------------------------
 
@@ -112,14 +143,14 @@ class RunDir:
 
     def write_card(self, cfg: TrainConfig, stats: dict, results: dict, samples: list[str]) -> None:
         rows = "\n".join(f"| {k} | {v} |" for k, v in results.items())
-        settings = {k: v for k, v in asdict(cfg).items() if v not in (None, False, [])}
+        settings = {k: v for k, v in asdict(cfg).items() if v not in (None, False, []) and k not in _unused(cfg)}
         labels = ", ".join(f"{k} ({v})" for k, v in stats.get("labels", {}).items()) or "none"
         text = "\n".join([
             "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [penwright]", "---", "",
             f"# {self.path.name}", "",
-            f"A causal language model fine-tuned with penwright on `{cfg.data}`.", "",
+            _origin(cfg), "",
             "## Data", "",
-            f"{stats.get('documents')} documents, {stats.get('characters')} characters, "
+            f"{plural(stats.get('documents', 0), 'document')}, {plural(stats.get('characters', 0), 'character')}, "
             f"{stats.get('train_tokens')} training and {stats.get('val_tokens')} validation tokens. "
             f"Labels: {labels}.", "",
             "## Results", "", "| metric | value |", "| --- | --- |", rows, "",
@@ -133,14 +164,97 @@ class RunDir:
         files.write_text(self.path / "README.md", text)
 
 
+# --- the lock -------------------------------------------------------------------------------------
+
+_held: dict[Path, object] = {}  # run dir -> the open lock file this process holds
+
+
+def lock(path: Path, doing: str) -> None:
+    """Hold the run dir's lock until `release(path)` or the end of this process, or refuse in one
+    line naming the process that holds it. `doing` (train, export) is recorded with the pid."""
+    import fcntl
+
+    key = Path(path).resolve()
+    handle = os.fdopen(os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        pid, _, what = handle.read().strip().partition(" ")
+        handle.close()
+        holder = f"penwright {what or 'train'} (pid {pid})" if pid.isdigit() else "another penwright process"
+        raise PenwrightError(f"{path} is in use: {holder} holds it; wait for it to finish"
+                             + (f" or stop it (kill {pid})" if pid.isdigit() else "")
+                             + ", or choose another folder") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {doing}\n")
+    handle.flush()
+    _held[key] = handle
+
+
+def held(path: Path) -> bool:
+    return Path(path).resolve() in _held
+
+
+def release(path: Path) -> None:
+    """Let go of the run dir's lock (no-op when this process does not hold it)."""
+    handle = _held.pop(Path(path).resolve(), None)
+    if handle is not None:
+        handle.close()
+
+
+@contextlib.contextmanager
+def locked(path: Path, doing: str):
+    """Hold the run dir's lock for the block. A folder this process cannot write to (a model
+    someone else owns) cannot be training, so it is read without one."""
+    try:
+        lock(path, doing)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        release(path)
+
+
+def _origin(cfg: TrainConfig) -> str:
+    """The model card's first line: what was trained from what."""
+    if cfg.init == "scratch":
+        vocabulary = (f"the tokenizer of `{cfg.tokenizer}`" if cfg.tokenizer
+                      else f"a {cfg.vocab_size}-token BPE trained on that text")
+        return f"A GPT-2 ({cfg.preset} preset) trained from scratch with penwright on `{cfg.data}`, with {vocabulary}."
+    if cfg.lora:
+        return f"LoRA adapters (`{cfg.lora}`) for `{cfg.model}`, trained with penwright on `{cfg.data}`."
+    return f"`{cfg.model}` fine-tuned with penwright on `{cfg.data}`."
+
+
+def _unused(cfg: TrainConfig) -> tuple[str, ...]:
+    """Settings that did nothing in this run: the scratch model's shape for a fine-tune, the model to
+    start from for a scratch run (and the BPE's size when a tokenizer was given)."""
+    if cfg.init == "pretrained":
+        return ("preset", "vocab_size")
+    return ("model", "trust_remote_code") + (("vocab_size",) if cfg.tokenizer else ())
+
+
+def trained_context(path: Path) -> int | None:
+    """The block size a run dir was trained on (None for other models): the context it is scored in,
+    as positions past it hold what the base model knew, not what the run learned."""
+    try:
+        return int(json.loads((Path(path) / RUN_FILE).read_text())["block_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def learned_context(path: Path) -> int | None:
     """The block size of a run trained from scratch: it never saw later positions, and text
     sampled past them is noise. None for other models (pretraining taught them their context)."""
     try:
-        info = json.loads((Path(path) / RUN_FILE).read_text())
-        return int(info["block_size"]) if info["config"]["init"] == "scratch" else None
+        scratch = json.loads((Path(path) / RUN_FILE).read_text())["config"]["init"] == "scratch"
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    return trained_context(path) if scratch else None
 
 
 def check_finished(path: Path) -> None:

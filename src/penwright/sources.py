@@ -7,7 +7,9 @@ an offline machine gets a clear message at once instead of a minute of retries.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +26,10 @@ class Source:
     is_hub: bool = False
 
 
+# What the hub accepts as a model id: NAME or OWNER/NAME.
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
 def resolve(spec: str) -> Source:
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".gguf":
@@ -32,9 +38,28 @@ def resolve(spec: str) -> Source:
         return Source(spec, str(path.parent), {"gguf_file": path.name})
     if path.is_dir():
         return Source(spec, str(path))
-    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+    if path.exists():
         raise PenwrightError(f"{spec}: not a model directory or .gguf file")
+    if looks_like_path(spec):
+        raise PenwrightError(f"{spec}: no such folder{_close_to(path)}")
     return Source(spec, spec, is_hub=True)
+
+
+def looks_like_path(spec: str) -> bool:
+    """A local path, not a hub id: it starts with . / or ~, is no hub id's shape, or its first part
+    is a folder here (runs/NAME when runs/ exists)."""
+    return (spec.startswith((".", "/", "~")) or not HUB_ID.match(spec)
+            or "/" in spec and Path(spec.split("/")[0]).is_dir())
+
+
+def _close_to(path: Path) -> str:
+    """"; did you mean runs/book?" when the folder holds a name close to the missing one."""
+    try:
+        names = [p.name for p in path.parent.iterdir() if p.is_dir() or p.suffix == ".gguf"]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1)
+    return f"; did you mean {path.parent / close[0]}?" if close else ""
 
 
 def load_pretrained(loader, source: Source, **kwargs):

@@ -26,6 +26,7 @@ from . import chat, files, sources
 from .config import PrepareConfig
 from .corpus import BadRows, Corpus, Document, load_corpus
 from .errors import PenwrightError
+from .words import plural
 
 FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
@@ -257,6 +258,14 @@ def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
     is reported at once, before anything reaches for a tokenizer or the network.
     """
     corpus = load_corpus(cfg)
+    if corpus.reflowed:
+        first, width = next(iter(corpus.reflowed.items()))
+        log(f"{plural(len(corpus.reflowed), 'hard-wrapped file')} ({first}: lines of about {width} characters): "
+            "joined the lines of each paragraph; --keep-line-breaks keeps them")
+    if unlabelled := corpus.stats().get("unlabelled_documents"):
+        log(f"note: {plural(unlabelled, 'document')} of {corpus.stats()['documents']:,} "
+            f"{'has' if unlabelled == 1 else 'have'} an empty {cfg.label_column!r} cell; "
+            f"{'it trains' if unlabelled == 1 else 'they train'} without a label")
     base = None
     if cfg.tokenizer or cfg.init == "pretrained":
         base = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code)
@@ -264,7 +273,7 @@ def prepare(cfg: PrepareConfig, log=print) -> TokenStore:
     else:
         tokenizer_id = f"trained-bpe-{cfg.vocab_size}"
     options = {k: getattr(cfg, k) for k in ("text_column", "label_column", "prompt_column", "completion_column",
-                                            "line_by_line", "val_fraction", "encoding", "format",
+                                            "line_by_line", "val_fraction", "encoding", "keep_line_breaks", "format",
                                             "max_bad_rows")}
     if corpus.conversations:  # how a conversation is rendered and learned
         options.update(train_on=cfg.train_on, template=chat.template_of(base) if base else chat.CHATML)

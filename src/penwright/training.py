@@ -30,8 +30,9 @@ from .guards import FiniteGuard, StopFlag, memory_hint
 from .kernels import fuse_gelu, use_cpu_attention
 from .losses import keeps_packed_apart, lm_loss
 from .models import MAX_DEFAULT_BLOCK, context_length, fit_tokenizer, load_model, scratch_model
-from .runs import RunDir
+from .runs import RunDir, release
 from .tokens import TokenStore, prepare
+from .words import plural
 
 
 def set_dropout(model, p: float | None, attention: float) -> None:
@@ -130,6 +131,8 @@ def train(cfg: TrainConfig, log=print) -> Path:
               file=sys.stderr)
         raise SystemExit(1) from None
     finally:
+        if ranks.main and cfg.out:
+            release(Path(cfg.out))  # the run dir's lock, which `setup` took
         distributed.teardown()
 
 
@@ -231,7 +234,11 @@ def _restore(t: Trainer, resume_from: Path | None, log) -> None:
             log("no checkpoint to resume from; starting a new run")
         return
     state = checkpoint.load_state(resume_from)
-    distributed.load_optimizer(t.model, t.optimizer, state["optimizer"])
+    if state.get("optimizer") is None:
+        log(f"warning: {resume_from} holds no optimizer state (saved with --no-save-optimizer): the optimizer "
+            "restarts from nothing, so the run goes on from these weights but not exactly as an uninterrupted one")
+    else:
+        distributed.load_optimizer(t.model, t.optimizer, state["optimizer"])
     t.step = t.start = state["step"]
     if t.ranks.main:
         t.run.forget_after(t.step)
@@ -248,7 +255,9 @@ def _first_evaluation(t: Trainer, log) -> float:
     """The validation loss before training (on a resumed run, the one recorded at step 0)."""
     if t.step > 0:
         return next((r["val_loss"] for r in t.run.metrics() if r.get("step") == 0 and "val_loss" in r), float("nan"))
-    log(f"validation before training ({t.evaluator.batches(t.cfg.eval_batches)} batches) ...")
+    batches = plural(t.evaluator.batches(t.cfg.eval_batches), "batch", "batches")
+    log(f"validation before training: {batches} of {t.evaluator.batch_size} x {t.evaluator.block} tokens "
+        "(--eval-batches sets how many) ...")
     before = t.evaluator.loss(t.model, t.cfg.eval_batches)  # on every rank: a sharded model needs them all
     if t.ranks.main:
         t.run.log({"step": 0, "val_loss": before, "val_ppl": _ppl(before)})
@@ -259,11 +268,14 @@ def _first_evaluation(t: Trainer, log) -> float:
 def _announce(t: Trainer, log) -> None:
     s, cfg = t.store.stats, t.cfg
     labels = ", ".join(f"{k}={v}" for k, v in s["labels"].items())
-    log(f"corpus: {s['files']} files, {s['documents']} documents, {s['characters']:,} characters, "
-        f"{s['tokens']:,} tokens ({s['train_tokens']:,} train / {s['val_tokens']:,} validation)"
-        + (f"; labels: {labels}" if labels else ""))
+    reflowed = f" ({s['reflowed_files']} hard-wrapped, reflowed)" if s.get("reflowed_files") else ""
+    log(f"corpus: {plural(s['files'], 'file')}{reflowed}, {plural(s['documents'], 'document')}, "
+        f"{plural(s['characters'], 'character')}, {plural(s['tokens'], 'token')} "
+        f"({s['train_tokens']:,} train / {s['val_tokens']:,} validation)"
+        + (f"; labels: {labels}" if labels else "")
+        + (f" and {s['unlabelled_documents']:,} unlabelled" if labels and s.get("unlabelled_documents") else ""))
     processes = f" x {t.ranks.world} processes" if t.ranks.world > 1 else ""
-    log(f"training {t.total} steps of {t.tokens_per_step:,} tokens (batch {cfg.batch_size} x accumulation "
+    log(f"training {plural(t.total, 'step')} of {t.tokens_per_step:,} tokens (batch {cfg.batch_size} x accumulation "
         f"{cfg.grad_accum} x block {cfg.block_size}{processes}), lr {cfg.peak_lr:g}, on {t.device} in "
         f"{str(t.dtype).split('.')[-1]}")
     if t.ranks.world > 1:
@@ -374,7 +386,8 @@ def _evaluate(t: Trainer, bar) -> None:
 def save(t: Trainer) -> Path | None:
     """Checkpoint the current step (every rank takes part: under FSDP they gather the weights)."""
     t.guard.check(t.step, t.last_saved)  # never checkpoint a run past its limit of skipped steps
-    weights, optimizer_state = distributed.full_state(t.model, t.optimizer, t.sharded)
+    weights, optimizer_state = distributed.full_state(t.model, t.optimizer if t.cfg.save_optimizer else None,
+                                                      t.sharded)
     if t.ranks.main:
         t.last_saved = checkpoint.save(t.run.path, t.step, t.model, t.tokenizer,
                                        {"step": t.step, "optimizer": optimizer_state}, t.cfg.keep_checkpoints, weights)

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from ..config import SampleConfig, ServeConfig
 from ..errors import PenwrightError
 from ..generate import Writer, load
+from ..words import plural
 from .requests import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, Worker
 
@@ -130,7 +131,7 @@ class Server:
         room = min(cfg.max_prompt_tokens, writer.context - 3)  # 3: the leading EOS, a label, one new token
         for prompt in prompts:
             if (size := count_tokens(writer, prompt)) > room:
-                raise ApiError(400, f"the prompt is {size} tokens; this server takes at most {room}",
+                raise ApiError(400, f"the prompt is {plural(size, 'token')}; this server takes at most {room}",
                                param="prompt", code="context_length_exceeded")
         return sampling
 
