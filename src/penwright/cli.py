@@ -17,8 +17,16 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from .config import (ChatConfig, EvalConfig, ExportConfig, GenerateConfig, PreviewConfig, RunsConfig, ServeConfig,
-                     TrainConfig)
+from .config import (
+    ChatConfig,
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    PreviewConfig,
+    RunsConfig,
+    ServeConfig,
+    TrainConfig,
+)
 from .errors import PenwrightError
 
 
