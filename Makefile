@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO   := runs/demo
 
-.PHONY: install demo test lint browser bench bench-serve bench-lora soak clean
+.PHONY: install demo test lint browser bench bench-serve bench-lora bench-memory soak clean
 
 install: $(STAMP)
 
@@ -43,6 +43,7 @@ browser:
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench.py $(BENCH_ARGS)
 	$(MAKE) bench-serve
+	$(MAKE) bench-memory
 
 # Load test of `penwright serve` on loopback: 16 clients, 200 requests; writes benchmarks/results/serve_load.json.
 bench-serve: $(STAMP)
@@ -52,6 +53,12 @@ bench-serve: $(STAMP)
 # writes benchmarks/results/lora.json.
 bench-lora: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/lora.py
+
+# Gradient checkpointing off and on for GPT-2 124M's and gpt2-medium's shapes: peak memory, tokens/s, and the
+# micro-batch --batch-size auto picks within 8 GB (~15 min on 2 CPU cores; MEMORY_ARGS="--presets small --no-auto"
+# for a short run); writes benchmarks/results/memory-<isa>.json and its table in RESULTS.md.
+bench-memory: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory.py $(MEMORY_ARGS)
 
 # The long crash test: 20 SIGKILLs at random moments, each followed by --resume.
 soak: $(STAMP)

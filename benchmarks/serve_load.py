@@ -24,6 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
+from sections import replace_section
 
 HERE = Path(__file__).resolve().parent
 SAMPLE = HERE.parent / "src" / "penwright" / "data" / "sample_stories.csv"
@@ -167,13 +168,7 @@ def write_results(summary: dict) -> None:
         f"| {s['requests']} | {s['errors']} | {seconds(lat['p50'])} | {seconds(lat['p99'])} | "
         f"{seconds(first['p50'])} | {s['tokens_per_s']} | {s['requests_per_s']} |", END,
     ])
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    files.write_text(path, text)
+    replace_section(START, END, section)
 
 
 def main() -> int:

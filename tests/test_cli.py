@@ -27,6 +27,12 @@ def run_cli(*args, stdin=None):
     (["train", "--data", "{csv}", "--text-column", "plot", "--model", "gpt2", "--out", "x"],
      "'gpt2' is not in the local cache"),
     (["prepare", "--data", "{empty}", "--model", "gpt2"], "the corpus is empty"),  # the corpus before the hub
+    (["train", "--data", "{csv}", "--out", "x", "--early-stop", "3", "--eval-every", "0"],
+     "--early-stop compares periodic evaluations, and --eval-every is 0: give --eval-every N"),
+    (["train", "--data", "{csv}", "--out", "x", "--log", "wandb"], "--log 'wandb': unknown backend"),
+    (["train", "--data", "{csv}", "--out", "x", "--tokens-per-step", "100", "--block-size", "128"],
+     "--tokens-per-step 100 is smaller than one block of 128 tokens"),
+    (["train", "--data", "{csv}", "--out", "x", "--batch-size", "lots"], "--batch-size must be a whole number or auto"),
     (["train", "--data", "{csv}", "--model", "gpt2", "--out", "x"], "no column 'text'"),
     (["generate", "--model", "x", "--temperature", "0"], "--temperature must be > 0 when sampling"),
     (["generate", "--model", "x", "--top-p", "1.5"], r"--top-p must be in (0, 1]"),

@@ -21,7 +21,7 @@ def test_each_class_checks_its_own_fields_once_base_classes_first(monkeypatch):
 
 
 def test_the_wrong_type_from_the_library_or_the_server_is_named():
-    with pytest.raises(PenwrightError, match=r"--batch-size must be a whole number, got '8'"):
+    with pytest.raises(PenwrightError, match=r"--batch-size must be a whole number or auto, got '8'"):
         TrainConfig(batch_size="8")
     with pytest.raises(PenwrightError, match=r"--temperature must be a finite number, got inf"):
         SampleConfig(temperature=float("inf"))
@@ -66,7 +66,13 @@ def test_device_precision_and_allow_pickle_are_one_shared_piece():
 @pytest.mark.parametrize("settings, message", [
     (dict(dropout=1.5), r"--dropout must be in \[0, 1\)"),
     (dict(attention_dropout=-0.1), r"--attention-dropout must be in \[0, 1\)"),
-    (dict(batch_size=0), "--batch-size must be at least 1"),
+    (dict(batch_size=0), "--batch-size must be at least 1 or auto"),
+    (dict(batch_size="auto", grad_accum=4), "--batch-size auto sets --grad-accum itself"),
+    (dict(tokens_per_step=4096, grad_accum=4), "--tokens-per-step sets --grad-accum; give one of them"),
+    (dict(tokens_per_step=100, block_size=128), "--tokens-per-step 100 is smaller than one block of 128 tokens"),
+    (dict(memory_limit="lots"), "--memory-limit 'lots': expected a size such as 6G"),
+    (dict(early_stop=0), "--early-stop must be at least 1"),
+    (dict(log="wandb"), "--log 'wandb': unknown backend; penwright writes tensorboard"),
     (dict(eval_every=-1), "--eval-every must be not negative"),
     (dict(block_size=4), "--block-size must be at least 8"),
     (dict(lr=0.0), "--lr must be positive"),

@@ -76,6 +76,17 @@ def test_two_processes_follow_one_and_resume_in_one(tmp_path, stories_txt, tiny_
     assert all(abs(resumed[s] - expected[s]) < 1e-4 for s in range(SAVE_AT + 1, STEPS + 1)), (resumed, expected)
 
 
+def test_batch_size_auto_is_measured_once_and_every_rank_takes_it(tmp_path, stories_txt, tiny_base, reference):
+    """Rank 0 measures and shares its plan: 2 processes x 4 sequences make the reference's step of 256 tokens."""
+    cfg = base_config(stories_txt, tiny_base, tmp_path / "auto", batch_size="auto", tokens_per_step=256)
+    done = penwright("train", "--nproc", "2", *as_flags(cfg))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("--batch-size auto: micro-batch 4 x accumulation 1 x block 32 x 2 processes = 256 "
+                             "tokens per step") == 1, done.stderr[-3000:]
+    expected, got = losses(reference), losses(tmp_path / "auto")
+    assert all(abs(got[s] - expected[s]) < 1e-4 for s in expected), (got, expected)
+
+
 def test_fsdp_with_nproc_shards_saves_plain_hf_and_resumes_unsharded(tmp_path, stories_txt, tiny_base, reference):
     from torch.distributed import fsdp
 

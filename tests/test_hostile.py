@@ -26,6 +26,7 @@ from penwright.config import (
     ExportConfig,
     GenerateConfig,
     PrepareConfig,
+    RunsConfig,
     SampleConfig,
     ServeConfig,
     TrainConfig,
@@ -182,7 +183,7 @@ def test_unreadable_and_odd_paths_are_refused(scratch, monkeypatch):
 # --- config validation -------------------------------------------------------------------------
 
 CONFIGS = [DataConfig, PrepareConfig, TrainConfig, SampleConfig, GenerateConfig, EvalConfig, ServeConfig,
-           ExportConfig]
+           ExportConfig, RunsConfig]
 
 
 @st.composite

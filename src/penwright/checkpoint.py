@@ -5,6 +5,9 @@ scheduler, RNG states, step) and, written last, `manifest.json` with every file'
 SHA-256. It is assembled in a hidden temporary folder and published by one rename, so a crash
 at any moment leaves either the previous checkpoints or the new one, and resume verifies the
 manifest before trusting a checkpoint.
+
+torch and transformers are imported where a checkpoint is written or read, so that listing runs
+(`penwright runs`) stays quick.
 """
 
 from __future__ import annotations
@@ -15,14 +18,12 @@ import os
 import re
 from pathlib import Path
 
-import torch
-
 from . import files
-from .models import save_model
 
 STATE_FILE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 NAME = re.compile(r"^step-(\d{8})$")
+BEST = "best"  # --keep-best: the weights of the best evaluation, apart from the rotating step-* ones
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -38,13 +39,35 @@ def save(run_dir: Path, step: int, model, tokenizer, state: dict, keep: int, wei
     hint = ("continue with --resume; "
             + (f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists")
             + " (--keep-checkpoints 1 needs less room)")
+    _write(final, hint, step, model, tokenizer, state, weights)
+    _prune(root, keep)
+    return final
+
+
+def best_dir(run_dir: Path) -> Path:
+    return checkpoint_dir(run_dir) / BEST
+
+
+def save_best(run_dir: Path, step: int, model, tokenizer, val_loss: float, weights: dict | None = None) -> Path:
+    """Write the weights of step `step`, the best evaluated so far, to checkpoints/best (replacing the last best)."""
+    final = best_dir(run_dir)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    files.remove_stale(final.parent, f".tmp-{BEST}-*")
+    hint = "continue with --resume; the previous best checkpoint is intact"
+    _write(final, hint, step, model, tokenizer, {"step": step, "val_loss": val_loss}, weights)
+    return final
+
+
+def _write(final: Path, hint: str, step: int, model, tokenizer, state: dict, weights: dict | None) -> None:
+    import torch
+
+    from .models import save_model
+
     with files.staged_dir(final, f"saving checkpoint {final}", hint, publish=_replace_step, shared=False) as tmp:
         save_model(model, tokenizer, tmp, weights)
         with open(tmp / STATE_FILE, "wb") as f:  # a file object keeps a full disk's OSError visible
             torch.save(state, f)
         files.write_text(tmp / MANIFEST, json.dumps({"step": step, "files": _describe(tmp)}, indent=1))
-    _prune(root, keep)
-    return final
 
 
 def _replace_step(tmp: Path, final: Path) -> None:
@@ -59,6 +82,8 @@ def publish_model(run_dir: Path, model, tokenizer, weights: dict | None = None) 
     The files are written and flushed in a hidden folder, then each moves into place with one
     rename; the weights go last. A crash before then leaves the previous files, or none.
     """
+    from .models import save_model
+
     run_dir = Path(run_dir)
     files.remove_stale(run_dir, ".tmp-model-*")
     hint = "run the same command with --resume to finish from the last checkpoint"
@@ -120,6 +145,8 @@ def latest(run_dir: Path, log=print) -> Path | None:
 
 
 def load_state(path: Path) -> dict:
+    import torch
+
     return torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
 
 

@@ -10,6 +10,7 @@ import argparse
 import difflib
 import json
 import os
+import shlex
 import sys
 import types
 import typing
@@ -17,7 +18,16 @@ from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from .config import ChatConfig, EvalConfig, ExportConfig, GenerateConfig, PreviewConfig, ServeConfig, TrainConfig
+from .config import (
+    ChatConfig,
+    EvalConfig,
+    ExportConfig,
+    GenerateConfig,
+    PreviewConfig,
+    RunsConfig,
+    ServeConfig,
+    TrainConfig,
+)
 from .errors import PenwrightError
 from .words import plural
 
@@ -40,12 +50,28 @@ def add_config_flags(parser: argparse.ArgumentParser, config, skip: tuple[str, .
         if f.metadata.get("action") == "append":
             parser.add_argument(flag, action="append", metavar="TEXT", default=argparse.SUPPRESS, help=help_text)
             continue
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, nargs="?", metavar=f.name.upper(), default=argparse.SUPPRESS, help=help_text)
+            continue
         options = [a for a in typing.get_args(kind) if a is not type(None)] if _is_union(kind) else [kind]
         base = options[0]
         if typing.get_origin(base) is typing.Literal:
             parser.add_argument(flag, choices=typing.get_args(base), default=argparse.SUPPRESS, help=help_text)
+        elif len(options) > 1:  # a number or a word (--batch-size 8 or auto): the config checks which
+            parser.add_argument(flag, type=_number_or_word(base), metavar=f.name.upper(), default=argparse.SUPPRESS,
+                                help=help_text)
         else:
             parser.add_argument(flag, type=base, metavar=f.name.upper(), default=argparse.SUPPRESS, help=help_text)
+
+
+def _number_or_word(kind) -> Callable[[str], object]:
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            return text  # the config names what it accepts if this is not it
+
+    return convert
 
 
 def _is_union(kind) -> bool:
@@ -326,6 +352,55 @@ def cmd_export(cfg: ExportConfig) -> int | None:
         return 1
 
 
+def cmd_runs(cfg: RunsConfig) -> None:
+    from .runs import find_runs, summary
+
+    found = [s for s in map(summary, find_runs(Path(cfg.dir))) if s]
+    for run in found:
+        run["continue"] = _continue_command(run)
+        del run["config"], run["cwd"]
+    if cfg.json:
+        print(json.dumps(found, indent=2))
+    elif not found:
+        warn(f"no run directories under {cfg.dir}")
+    else:
+        _print_runs(found)
+
+
+def _continue_command(run: dict) -> str | None:
+    """The `penwright train ... --resume` that continues a stopped or crashed run, from where it was started."""
+    if not run["resumable"]:
+        return None
+    known = {k: v for k, v in run["config"].items() if k in TrainConfig.__dataclass_fields__}
+    try:
+        cfg = TrainConfig(**known)
+    except PenwrightError:  # settings a newer or older penwright wrote
+        return None
+    command = shlex.join(["penwright", "train", *as_flags(cfg, skip=("overwrite", "resume")), "--resume"])
+    here = run["cwd"] in (None, os.getcwd())
+    return command if here else f"cd {shlex.quote(run['cwd'])} && {command}"
+
+
+def _print_runs(found: list[dict]) -> None:
+    """A table, then the commands to continue stopped and crashed runs, whole, to copy."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table()
+    for name in ("run", "model", "data", "steps", "best val ppl", "state"):
+        table.add_column(name, overflow="fold")
+    for r in found:
+        state = r["state"] if r["state"] in ("running", "finished") else \
+            f"{r['state']}, " + (f"resumable from {r['checkpoint']}" if r["resumable"] else "no checkpoint")
+        steps = f"{r['steps_done']}/{r['steps_planned']}" if r["steps_planned"] else str(r["steps_done"])
+        ppl = f"{r['best_val_ppl']:.2f}" if r["best_val_ppl"] is not None else "-"
+        table.add_row(r["run"], r["model"], str(r["data"]), steps, ppl, state)
+    Console(width=None if sys.stdout.isatty() else 200).print(table)  # piped: long lines rather than folds
+    for r in found:
+        if r["continue"]:
+            print(f"\ncontinue {r['run']}:\n  {r['continue']}")
+
+
 @dataclass(frozen=True)
 class Command:
     """One `penwright NAME`: the config its flags come from, and the function that runs it."""
@@ -375,6 +450,10 @@ COMMANDS = [
   penwright serve --model runs/book                      # page at http://127.0.0.1:8000/, API at /v1
   penwright serve --model runs/book --model lyrics=runs/lyrics --port 8080
   PENWRIGHT_API_KEY=secret penwright serve --model runs/book --host 0.0.0.0"""),
+    Command("runs", RunsConfig, "list run directories: model, data, progress, best perplexity, state, "
+                                "and how to continue each", cmd_runs, """\
+  penwright runs                       # the runs under runs/
+  penwright runs experiments/ --json   # for scripts"""),
     Command("export", ExportConfig, "write a run as a GGUF file for llama.cpp, Ollama and LM Studio (checked "
             "against the run), or a LoRA run merged into its base as a plain HF model", cmd_export, """\
   penwright export --gguf runs/book --out book.gguf                    # f16, then the parity check

@@ -77,7 +77,7 @@ def _describe(kind) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args)
     if origin is Literal:
-        return "one of " + ", ".join(args)
+        return "one of " + ", ".join(args) if len(args) > 1 else args[0]
     if origin is list:
         return f"a list of {_describe(args[0])}s"
     names = {float: "a finite number", int: "a whole number", bool: "true or false", str: "text", type(None): "unset"}
@@ -182,8 +182,18 @@ class TrainConfig(Runtime, PrepareConfig):
     out: str | None = opt(None, "run directory to write (model, checkpoints, metrics, loss.png)")
     overwrite: bool = opt(False, "replace a run directory that holds a different run")
     resume: bool = opt(False, "continue from the newest complete checkpoint in --out")
-    batch_size: int = opt(8, "sequences per micro-batch")
+    batch_size: int | Literal["auto"] = opt(8, "sequences per micro-batch, or auto: the largest whose forward and "
+                                               "backward fit in memory (--memory-limit), with --grad-accum set to "
+                                               "make --tokens-per-step")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
+    tokens_per_step: int | None = opt(None, "tokens per optimizer step, all processes together: sets --grad-accum "
+                                            "(default with --batch-size auto: 16384, fine-tuning or from scratch)")
+    memory_limit: str | None = opt(None, "most memory --batch-size auto may plan for, e.g. 6G or 800M (default: "
+                                         "what the GPU, or the machine and its cgroup limit, leave free; "
+                                         "or $PENWRIGHT_MEMORY_LIMIT)")
+    gradient_checkpointing: Literal["auto", "on", "off"] = opt(
+        "auto", "recompute activations in backward instead of keeping them: far less memory for about a third more "
+                "compute; auto turns it on when --batch-size auto finds that not even one sequence fits without it")
     lr: float | None = opt(None, "peak learning rate (default 5e-5 fine-tuning, 2e-4 with --lora, 1e-3 from scratch)")
     min_lr_ratio: float = opt(0.1, "cosine decay ends at lr * this")
     warmup_steps: int | None = opt(None, "linear warm-up steps (default: 5%% of steps, at most 100)")
@@ -195,6 +205,10 @@ class TrainConfig(Runtime, PrepareConfig):
     seed: int = opt(42, "random seed for initialisation, data order and dropout")
     eval_every: int = opt(200, "steps between validation evaluations (0: only at start and end)")
     eval_batches: int = opt(50, "batches per periodic evaluation (the final one uses the whole split)")
+    early_stop: int | None = opt(None, "stop after this many evaluations (every --eval-every steps) without a better "
+                                       "validation loss; implies --keep-best")
+    keep_best: bool = opt(False, "keep the weights with the best validation loss apart (checkpoints/best) and "
+                                 "publish those, not the last ones")
     eval_at_end: bool = opt(False, "when training ends, run `penwright eval`'s perplexity and continuation test "
                                    "on the validation split and add them to the model card")
     sample_every: int = opt(500, "steps between printed samples (0: never)")
@@ -206,6 +220,8 @@ class TrainConfig(Runtime, PrepareConfig):
                                      "0.5 GB instead of 1.6 GB), and a resume then restarts the optimizer")
     keep_checkpoints: int = opt(2, "checkpoints to keep")
     log_every: int = opt(10, "steps between progress-bar and metrics.jsonl updates")
+    log: str | None = opt(None, "also log to a viewer: tensorboard (event files in the run dir, for "
+                                "`tensorboard --logdir runs/`; offline, no account); metrics.jsonl is always written")
     compile: bool = opt(False, "compile the model with torch.compile")
     head_loss: Literal["chunked", "full"] = opt("chunked", "loss through the vocabulary-wide output head: chunked "
                                                 "(never holds all logits; less memory) or full")
@@ -226,7 +242,9 @@ class TrainConfig(Runtime, PrepareConfig):
                                  "[,targets=c_attn,c_proj]")
 
     def check(self):
-        _at_least(self, 1, "batch_size", "grad_accum", "keep_checkpoints", "log_every", "sample_length", "eval_batches")
+        _at_least(self, 1, "grad_accum", "keep_checkpoints", "log_every", "sample_length", "eval_batches")
+        _check(self.batch_size == "auto" or self.batch_size >= 1,
+               f"--batch-size must be at least 1 or auto, got {self.batch_size}")
         _at_least(self, 0, "eval_every", "sample_every", "save_every", "weight_decay", "grad_clip", "max_bad_steps")
         _check(self.dropout is None or 0 <= self.dropout < 1, f"--dropout must be in [0, 1), got {self.dropout}")
         _check(0 <= self.attention_dropout < 1, f"--attention-dropout must be in [0, 1), got {self.attention_dropout}")
@@ -235,12 +253,40 @@ class TrainConfig(Runtime, PrepareConfig):
         _check(self.lr is None or (math.isfinite(self.lr) and self.lr > 0), f"--lr must be positive, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(self.nproc >= 1, f"--nproc must be at least 1, got {self.nproc}")
+        self._check_budget()
+        self._check_stopping()
         if self.lora is not None:
             parse_lora(self.lora)
             _check(self.init == "pretrained", "--lora adapts a pretrained model; drop --init scratch")
             _check(self.label_column is None, "--lora cannot learn the new control tokens of --label-column; "
                                               "train every weight for labelled corpora")
             _check(not self.fsdp, "--lora with --fsdp is not supported; LoRA's frozen base fits where DDP does")
+
+    def _check_budget(self):
+        if self.tokens_per_step is not None:
+            _at_least(self, 1, "tokens_per_step")
+            _check(not self.block_size or self.tokens_per_step >= self.block_size,
+                   f"--tokens-per-step {self.tokens_per_step} is smaller than one block of {self.block_size} tokens; "
+                   f"give at least {self.block_size}, or a smaller --block-size")
+        if self.grad_accum != 1:
+            _check(self.batch_size != "auto", "--batch-size auto sets --grad-accum itself (to make "
+                                              "--tokens-per-step); drop --grad-accum")
+            _check(self.tokens_per_step is None, "--tokens-per-step sets --grad-accum; give one of them, not both")
+        if self.memory_limit is not None:
+            parse_size(self.memory_limit, "--memory-limit")
+        _check(self.log in (None, *LOG_BACKENDS), f"--log {self.log!r}: unknown backend; penwright writes "
+                                                  f"{', '.join(LOG_BACKENDS)} (metrics.jsonl is always written)")
+
+    def _check_stopping(self):
+        _check(self.early_stop is None or self.early_stop >= 1,
+               f"--early-stop must be at least 1, got {self.early_stop}")
+        for flag, given in (("--early-stop", self.early_stop is not None), ("--keep-best", self.keep_best)):
+            _check(not given or self.eval_every > 0, f"{flag} compares periodic evaluations, and --eval-every is 0: "
+                                                     "give --eval-every N (steps between evaluations)")
+
+    @property
+    def keeps_best(self) -> bool:
+        return self.keep_best or self.early_stop is not None
 
     @property
     def peak_lr(self) -> float:
@@ -359,6 +405,17 @@ class EvalConfig(Runtime, SampleConfig, DataConfig):
         return named_models(self.model, lambda spec: spec)
 
 
+LOG_BACKENDS = ("tensorboard",)
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes in '6G', '800M', '1.5GiB' or '123456' (K, M, G, T are powers of 1024)."""
+    match = SIZE.match(text)
+    _check(bool(match) and float(match[1]) > 0, f"{what} {text!r}: expected a size such as 6G, 800M or 1.5GiB")
+    return int(float(match[1]) * 1024 ** " kmgt".index((match[2] or " ").lower()))
+
+
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -403,6 +460,14 @@ def named_models(specs: list[str], default_name) -> dict[str, str]:
         _check(name not in out, f"two --model flags are both named {name!r}: name them with --model NAME=PATH")
         out[name] = path
     return out
+
+
+@dataclass
+class RunsConfig(Settings):
+    """`penwright runs`: the run dirs under a folder, how far each got, and how to continue it."""
+
+    dir: str = opt("runs", "folder holding run dirs, or one run dir", positional=True)
+    json: bool = opt(False, "print JSON (a list, one object per run) instead of a table")
 
 
 @dataclass

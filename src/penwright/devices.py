@@ -122,3 +122,12 @@ def keep_freed_memory() -> None:
         return
     libc.mallopt(M_MMAP_MAX, 0)  # every block from the heap, none mapped and unmapped on its own
     libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # never shrink the heap
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free memory back to the system now (glibc's malloc_trim), whatever
+    `keep_freed_memory` said: memory.py measures each trial step from a heap without its predecessor's."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass

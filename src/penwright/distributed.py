@@ -165,11 +165,21 @@ def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     Every rank must call this: under FSDP it gathers the shards. The optimizer state is keyed by
     parameter name, not position, which is what lets `load_optimizer` reshard it for any world size.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options) if fsdp and dist.is_initialized() else None
-    return weights, None if optimizer is None else get_optimizer_state_dict(model, optimizer, options=options)
+    return full_weights(model, fsdp), (None if optimizer is None
+                                      else get_optimizer_state_dict(model, optimizer, options=options))
+
+
+def full_weights(model: torch.nn.Module, fsdp: bool) -> dict | None:
+    """Under FSDP the full weights, gathered onto rank 0's CPU (every rank must call this); else None,
+    meaning "the model's own"."""
+    if not (fsdp and dist.is_initialized()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -1,6 +1,6 @@
 """What stops a training run safely: a signal (finish the step, save, say how to resume), steps
-whose loss or gradient is not finite (skipped, up to a limit), and running out of memory (advice
-instead of a traceback).
+whose loss or gradient is not finite (skipped, up to a limit), running out of memory (advice
+instead of a traceback), and a validation loss that stopped getting better (`EarlyStop`).
 """
 
 from __future__ import annotations
@@ -69,6 +69,46 @@ class FiniteGuard:
                 f"training stopped at step {step}: {plural(skipped, 'step')} had a non-finite loss or gradient "
                 f"(the first at step {int(self.first)}), more than --max-bad-steps {self.limit}; {kept}. "
                 "Try a lower --lr or --precision fp32, or look for broken text in the corpus")
+
+
+class EarlyStop:
+    """The best periodic validation loss so far, its step, and the evaluations since it last improved;
+    `exhausted` once `patience` of them (--early-stop) went by without a better one."""
+
+    def __init__(self, patience: int | None):
+        self.patience = patience
+        self.loss, self.step = float("inf"), None
+        self.since = 0
+        self.evaluated = None  # the step of the latest evaluation
+
+    def update(self, step: int, loss: float) -> bool:
+        """Count the evaluation at `step`; True when it is the best so far."""
+        self.evaluated = step
+        if loss < self.loss:  # a NaN never is
+            self.loss, self.step, self.since = loss, step, 0
+            return True
+        self.since += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.patience is not None and self.since >= self.patience
+
+    @classmethod
+    def replay(cls, patience: int | None, records: list[dict], upto: int) -> "EarlyStop":
+        """The state after the periodic evaluations in metrics.jsonl up to step `upto` (a resumed run's)."""
+        stop = cls(patience)
+        for r in records:
+            if "val_loss" in r and 0 < r["step"] <= upto and not r.get("final"):
+                stop.update(r["step"], r["val_loss"])
+        return stop
+
+    def reason(self, total: int) -> str:
+        """Why training ended, for the model card."""
+        if self.exhausted:
+            return (f"early stopping at step {self.evaluated}: {self.since} evaluations in a row without a better "
+                    f"validation loss than step {self.step}'s (--early-stop {self.patience})")
+        return f"ran the planned {total} steps"
 
 
 @contextmanager

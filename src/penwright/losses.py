@@ -60,6 +60,8 @@ def _chunks(hidden, weight, targets, grads: bool):
                 dlogits = logp.exp_().scatter_add_(1, target, torch.full_like(logp[:, :1], -1)).to(dtype)
                 grad_hidden[part] = (dlogits @ w).mul_(keep)
                 grad_weight += (dlogits.T @ (h[part] * keep)).float()
+                del dlogits
+            del logp  # before the next chunk's logits: one chunk alive at a time, not two
     return loss, grad_hidden, grad_weight
 
 

@@ -20,6 +20,8 @@ import json
 import math
 import os
 import shutil
+import socket
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from .words import plural
 
 RUN_FILE = "penwright.json"
 LOCK_FILE = ".lock"
+ENDINGS = {"stopped", "crashed"}  # the metrics.jsonl record of a run that ended before finishing says which
 # Settings that make a run a different run; changing others (steps, eval cadence) is fine on resume.
 IDENTITY = ("data", "val_file", "model", "init", "preset", "tokenizer", "text_column", "label_column",
             "prompt_column", "completion_column", "line_by_line", "keep_line_breaks", "val_fraction", "block_size",
@@ -42,6 +45,7 @@ class RunDir:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.metrics_path = self.path / "metrics.jsonl"
+        self.mirrors = []  # viewers (--log) that get a copy of every metrics record
 
     @classmethod
     def claim(cls, cfg: TrainConfig) -> "RunDir":
@@ -104,10 +108,15 @@ class RunDir:
     # --- settings and results -----------------------------------------------------------------
 
     def read_config(self) -> dict | None:
+        return self.read_info().get("config")
+
+    def read_info(self) -> dict:
+        """penwright.json: the settings, corpus statistics, plan and results ({} when absent or unreadable)."""
         try:
-            return json.loads((self.path / RUN_FILE).read_text())["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
+            info = json.loads((self.path / RUN_FILE).read_text())
+            return info if isinstance(info, dict) and isinstance(info.get("config"), dict) else {}
+        except (OSError, ValueError):
+            return {}
 
     def write_info(self, cfg: TrainConfig, **info) -> None:
         files.write_text(self.path / RUN_FILE, json.dumps({"config": asdict(cfg), **info}, indent=2, default=str))
@@ -118,6 +127,8 @@ class RunDir:
         try:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            for mirror in self.mirrors:
+                mirror.record(record)
         except OSError as e:
             if not files.disk_full(e):
                 raise
@@ -131,9 +142,15 @@ class RunDir:
     def metrics(self) -> list[dict]:
         return read_metrics(self.metrics_path)
 
+    def close(self) -> None:
+        for mirror in self.mirrors:
+            mirror.close()
+        self.mirrors = []
+
     def forget_after(self, step: int) -> None:
-        """Drop records past `step`, written by a run that died before its next checkpoint."""
-        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
+        """Drop records past `step`, written by a run that died before its next checkpoint, and the
+        note of how the previous attempt ended: this one is under way."""
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step and not ENDINGS & r.keys()]
         files.write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def plot_loss(self) -> Path:
@@ -311,3 +328,86 @@ def plot_losses(runs: dict[str, list[dict]], path: Path) -> Path:
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return path
+
+
+# --- listing runs (`penwright runs`) ------------------------------------------------------------
+
+def this_process() -> dict:
+    """Who is training a run, recorded in penwright.json: `penwright runs` asks whether it still lives."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "started": _started(os.getpid()), "cwd": os.getcwd()}
+
+
+def find_runs(root: Path) -> list[Path]:
+    """`root` if it is a run dir, else the run dirs below it (not below a run dir), sorted."""
+    root = Path(root)
+    if (root / RUN_FILE).is_file():
+        return [root]
+    if not root.is_dir():
+        raise PenwrightError(f"{root}: no such folder; give the folder that holds your run dirs (default runs/)")
+    found = []
+    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        found += find_runs(child)
+    return found
+
+
+def summary(path: Path) -> dict | None:
+    """What `penwright runs` says of one run dir; None for a folder penwright.json does not describe."""
+    from .checkpoint import complete, verify
+
+    run = RunDir(path)
+    info = run.read_info()
+    if not info:
+        return None
+    config, records = info["config"], run.metrics()
+    newest = next((c for c in complete(path) if verify(c, checksums=False)), None)
+    ppl = [r["val_ppl"] for r in records if r.get("step", 0) > 0 and _finite(r.get("val_ppl"))]
+    state = _state(run, info, records)
+    return {"run": str(path), "model": _model_name(config), "data": config.get("data"),
+            "steps_done": max((r.get("step", 0) for r in records), default=0),
+            "steps_planned": info.get("total_steps"), "best_val_ppl": min(ppl, default=None), "state": state,
+            "resumable": state in ("stopped", "crashed") and newest is not None,
+            "checkpoint": newest.name if newest else None, "config": config,
+            "cwd": (info.get("process") or {}).get("cwd")}
+
+
+def _state(run: RunDir, info: dict, records: list[dict]) -> str:
+    """finished, stopped (by a signal, after saving), crashed (an error, or killed: its process is gone
+    without a word) or running."""
+    if "results" in info and any((run.path / name).is_file() for name in ("config.json", "adapter_config.json")):
+        return "finished"
+    ending = ENDINGS & (records[-1].keys() if records else set())
+    if ending:
+        return ending.pop()
+    return "running" if _running(info.get("process") or {}, run.metrics_path) else "crashed"
+
+
+def _running(process: dict, metrics: Path) -> bool:
+    """The recorded training process is alive (the same process: pid and start time match). A run trained
+    on another machine counts as running while its metrics.jsonl changed in the last ten minutes."""
+    if not process:  # a run from before penwright recorded it
+        return False
+    if process.get("host") != socket.gethostname():
+        try:
+            return time.time() - metrics.stat().st_mtime < 600
+        except OSError:
+            return False
+    pid = process.get("pid")
+    return isinstance(pid, int) and files.alive(pid) and _started(pid) == process.get("started")
+
+
+def _started(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks since boot (Linux); None where that cannot be read."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _model_name(config: dict) -> str:
+    if config.get("init") == "scratch":
+        return f"scratch ({config.get('preset')})"
+    return f"{config.get('model')}" + (" + LoRA" if config.get("lora") else "")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -14,23 +14,23 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import checkpoint, distributed, lora
+from . import checkpoint, distributed, lora, memory
 from .batches import Blocks, Evaluator, training_blocks
 from .config import SampleConfig, TrainConfig
 from .devices import autocast, keep_freed_memory, pick_device, pick_dtype
 from .errors import PenwrightError
 from .generate import Chat, Writer
-from .guards import FiniteGuard, StopFlag, memory_hint
+from .guards import EarlyStop, FiniteGuard, StopFlag, memory_hint
 from .kernels import fuse_gelu, use_cpu_attention
 from .losses import keeps_packed_apart, lm_loss
 from .models import MAX_DEFAULT_BLOCK, context_length, fit_tokenizer, load_model, scratch_model
-from .runs import RunDir, release
+from .runs import RunDir, release, this_process
 from .tokens import TokenStore, prepare
 from .words import plural
 
@@ -95,6 +95,9 @@ class Trainer:
     loss: object  # lm_loss, or its torch.compile'd self (the step alone: evaluation's shapes vary)
     last_saved: Path | None  # the newest checkpoint
     before: float  # validation loss before training
+    plan: memory.Plan | None = None  # micro-batch, accumulation, checkpointing (--batch-size auto chooses)
+    best: EarlyStop | None = None  # the best periodic evaluation, for --early-stop and --keep-best
+    shown: dict = field(default_factory=dict)  # what the progress bar shows after the step count
 
     @property
     def tokens_per_step(self) -> int:
@@ -112,10 +115,13 @@ def train(cfg: TrainConfig, log=print) -> Path:
     """
     ranks, device = distributed.setup(pick_device(cfg.device))
     log = log if ranks.main else _quiet
+    trainer = None
     try:
         trainer = setup(cfg, ranks, device, log)
         stopped_by = fit(trainer, log)
         if stopped_by:
+            if ranks.main:  # what `penwright runs` tells a stopped run from a crashed one by
+                trainer.run.log({"step": trainer.step, "stopped": stopped_by})
             log(f"stopped by {stopped_by} at step {trainer.step}; checkpoint {trainer.last_saved}. "
                 f"Continue with the same command plus --resume")
             raise Stopped(stopped_by)
@@ -131,9 +137,22 @@ def train(cfg: TrainConfig, log=print) -> Path:
               file=sys.stderr)
         raise SystemExit(1) from None
     finally:
+        if trainer:
+            _leave(trainer, sys.exc_info()[1])
         if ranks.main and cfg.out:
             release(Path(cfg.out))  # the run dir's lock, which `setup` took
         distributed.teardown()
+
+
+def _leave(t: Trainer, error: BaseException | None) -> None:
+    """Close the viewers; an error (not a stop, which saved and said so) is noted in metrics.jsonl, so
+    that `penwright runs` calls the run crashed even while the process that ran it lives on (a notebook)."""
+    t.run.close()
+    if error is not None and not isinstance(error, Stopped) and t.ranks.main and t.run.metrics_path.exists():
+        try:
+            t.run.log({"step": t.step, "crashed": f"{type(error).__name__}: {error}".splitlines()[0][:300]})
+        except (OSError, PenwrightError):  # a full disk: the error itself says so
+            pass
 
 
 class Stopped(KeyboardInterrupt):
@@ -164,6 +183,8 @@ def setup(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log=
     tokenizer = store.tokenizer()
     model = build_model(cfg, tokenizer, device, resume_from)
     settings, cfg = cfg, replace(cfg, block_size=_block_size(cfg, model))
+    plan = _plan(cfg, run, model, ranks, device, dtype, store, resume_from, log)
+    cfg = replace(cfg, batch_size=plan.batch_size, grad_accum=plan.grad_accum, tokens_per_step=None)
     blocks = training_blocks(store, cfg, ranks.rank, ranks.world, log)
     if store.conversations:
         _check_chat_training(cfg, store, model)
@@ -180,8 +201,9 @@ def setup(cfg: TrainConfig, ranks: distributed.Ranks, device: torch.device, log=
                       make_optimizer(model, cfg, device), blocks, evaluator,
                       Writer(model, tokenizer, autocast=dtype if dtype != torch.float32 else None, log=log),
                       total, warmup, 0, 0, FiniteGuard(cfg.max_bad_steps, device),
-                      torch.compile(lm_loss) if cfg.compile else lm_loss, resume_from, float("nan"))
+                      torch.compile(lm_loss) if cfg.compile else lm_loss, resume_from, float("nan"), plan)
     _restore(trainer, resume_from, log)
+    _watch(trainer)
     _write_info(trainer)
     _announce(trainer, log)
     trainer.before = _first_evaluation(trainer, log)
@@ -220,6 +242,14 @@ def _check_chat_training(cfg: TrainConfig, store: TokenStore, model) -> None:
                              "conversations packed together would read each other; it cannot train on them")
 
 
+def _plan(cfg: TrainConfig, run: RunDir, model, ranks: distributed.Ranks, device: torch.device, dtype: torch.dtype,
+          store: TokenStore, resume_from: Path | None, log) -> memory.Plan:
+    """The micro-batch and accumulation (--batch-size auto measures them; a resumed run keeps its own)."""
+    recorded = distributed.share(run.read_info().get("batch") if resume_from and ranks.main else None, ranks)
+    windows = (len(store.tokens("train")) - 1) // cfg.block_size
+    return memory.plan(cfg, model, ranks, device, dtype, windows, recorded, log)
+
+
 def _block_size(cfg: TrainConfig, model) -> int:
     block_size = cfg.block_size or min(context_length(model), MAX_DEFAULT_BLOCK)
     if block_size > context_length(model):
@@ -245,10 +275,21 @@ def _restore(t: Trainer, resume_from: Path | None, log) -> None:
     log(f"resuming from {resume_from} (step {t.step})")
 
 
-def _write_info(t: Trainer) -> None:
+def _watch(t: Trainer) -> None:
+    """The best evaluation so far (a resumed run's, from metrics.jsonl) and the viewer of --log."""
+    t.best = distributed.share(EarlyStop.replay(t.cfg.early_stop, t.run.metrics(), t.step) if t.ranks.main
+                               else None, t.ranks)
+    if t.cfg.log and t.ranks.main:
+        from .viewers import open_viewer
+
+        t.run.mirrors.append(open_viewer(t.cfg.log, t.run.path, purge_step=t.step + 1 if t.step else None))
+
+
+def _write_info(t: Trainer, **results) -> None:
     if t.ranks.main:
         t.run.write_info(t.settings, stats=t.store.stats, block_size=t.cfg.block_size, total_steps=t.total,
-                         processes=t.ranks.world, tokens_per_step=t.tokens_per_step)
+                         processes=t.ranks.world, tokens_per_step=t.tokens_per_step, batch=t.plan.record(),
+                         process=this_process(), **results)
 
 
 def _first_evaluation(t: Trainer, log) -> float:
@@ -286,12 +327,12 @@ def _announce(t: Trainer, log) -> None:
 # --- the loop -----------------------------------------------------------------------------------
 
 def fit(t: Trainer, log=print) -> str | None:
-    """Optimizer steps until the planned total. Returns what stopped it early (a signal's name, after
-    saving a checkpoint), or None when it ran to the end."""
+    """Optimizer steps until the planned total, or until --early-stop's evaluations stop getting better.
+    Returns what stopped it early (a signal's name, after saving a checkpoint), or None when it ended."""
     cfg, meter = t.cfg, Meter(t.device)
     bar = _progress_bar(t)
     with StopFlag() as stop, memory_hint(cfg):
-        while t.step < t.total:
+        while t.step < t.total and not t.best.exhausted:
             # One optimizer step: grad_accum micro-batches, clipped, skipped if not finite.
             lr = lr_at(t.step, cfg.peak_lr, t.warmup, t.total, cfg.min_lr_ratio)
             loss, bad = train_step(t, lr)
@@ -305,18 +346,18 @@ def fit(t: Trainer, log=print) -> str | None:
             if t.step % cfg.log_every == 0 or last or stopping:
                 _log_progress(t, meter, lr, bar)
             # Evaluation and samples on their own schedules (the final ones are finish's).
-            if cfg.eval_every and t.step % cfg.eval_every == 0 and not last:
+            if _evaluation_due(t, last):
                 _evaluate(t, bar)
             if cfg.sample_every and t.step % cfg.sample_every == 0 and t.ranks.main and not t.sharded:
                 text = t.writer.samples([_sample_prompt(t)], _sampling(t))[0].text
                 t.run.log({"step": t.step, "sample": text})
                 bar.write(f"--- sample at step {t.step} ---\n{text}\n---")
-            # Checkpoints: on schedule, at the end, and when asked to stop.
+            # Checkpoints: on schedule, at the end (early stopping's too), and when asked to stop.
             if stopping and not last:
                 save(t)
                 bar.close()
                 return stopping
-            if last or (cfg.save_every and t.step % cfg.save_every == 0):
+            if last or t.best.exhausted or (cfg.save_every and t.step % cfg.save_every == 0):
                 save(t)
     bar.close()
     return None
@@ -371,16 +412,33 @@ def _log_progress(t: Trainer, meter: Meter, lr: float, bar) -> None:
     if t.ranks.main:
         t.run.log({"step": t.step, "loss": mean, "lr": lr, "tokens_per_s": speed,  # tokens: all ranks'
                    "tokens": t.step * t.tokens_per_step, "processes": t.ranks.world, **skipped})
-    bar.set_postfix(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}")
+    t.shown.update(loss=f"{mean:.3f}", tok_s=f"{speed:,.0f}")
+    bar.set_postfix(t.shown)
     t.guard.check(t.step, t.last_saved)
     meter.reset()
 
 
+def _evaluation_due(t: Trainer, last: bool) -> bool:
+    """Every --eval-every steps; at the last step only to compare the last weights with the best
+    (--keep-best): the final evaluation, on the whole split, is finish's."""
+    every = t.cfg.eval_every
+    return bool(every) and (t.step % every == 0 and not last or last and t.cfg.keeps_best)
+
+
 def _evaluate(t: Trainer, bar) -> None:
+    """A periodic evaluation: logged, shown, counted for --early-stop, and with --keep-best the weights
+    saved apart when they are the best so far."""
     val = t.evaluator.loss(t.model, t.cfg.eval_batches)  # on every rank: a sharded model needs them all
+    val = distributed.share(val, t.ranks)  # rank 0's, so that every rank stops early alike
+    best = t.best.update(t.step, val)
     if t.ranks.main:
         t.run.log({"step": t.step, "val_loss": val, "val_ppl": _ppl(val)})
-        bar.write(f"step {t.step}: validation loss {val:.4f}, perplexity {_ppl(val):.2f}")
+        bar.write(f"step {t.step}: validation loss {val:.4f}, perplexity {_ppl(val):.2f}"
+                  + (" (the best so far)" if best and t.cfg.keeps_best else ""))
+    t.shown["val_ppl"] = f"{_ppl(val):.2f}"
+    bar.set_postfix(t.shown)
+    if best and t.cfg.keeps_best:
+        save_best(t)
 
 
 def save(t: Trainer) -> Path | None:
@@ -392,6 +450,13 @@ def save(t: Trainer) -> Path | None:
         t.last_saved = checkpoint.save(t.run.path, t.step, t.model, t.tokenizer,
                                        {"step": t.step, "optimizer": optimizer_state}, t.cfg.keep_checkpoints, weights)
     return t.last_saved
+
+
+def save_best(t: Trainer) -> None:
+    """The current weights to checkpoints/best (every rank takes part, as in `save`)."""
+    weights = distributed.full_weights(t.model, t.sharded)
+    if t.ranks.main:
+        checkpoint.save_best(t.run.path, t.step, t.model, t.tokenizer, t.best.loss, weights)
 
 
 def _progress_bar(t: Trainer):
@@ -422,28 +487,49 @@ def _sampling(t: Trainer) -> SampleConfig:
 def finish(t: Trainer, log=print) -> Path:
     """Rank 0, after the loop: the final evaluation on the whole validation split, samples, the HF
     model, the plot and the model card."""
-    model, writer = t.model, t.writer
-    if t.sharded:  # rank 0 cannot run a sharded model alone: reload the full one just saved
-        model = load_model(str(t.last_saved)).to(t.device)
-        writer = Writer(model, t.tokenizer, autocast=writer.autocast, log=log)
+    model, writer, weights_step = _final_model(t, log)
     after = t.evaluator.loss(model)
-    t.run.log({"step": t.step, "val_loss": after, "val_ppl": _ppl(after)})
+    t.run.log({"step": t.step, "val_loss": after, "val_ppl": _ppl(after), "final": True})
     samples = [s.text for s in writer.samples([_sample_prompt(t)], replace(_sampling(t), num_samples=3))]
     checkpoint.publish_model(t.run.path, model, t.tokenizer)
+    ended = t.best.reason(t.total)
+    if t.best.exhausted:
+        log(ended)
     results = {"validation loss": f"{after:.4f}", "validation perplexity": f"{_ppl(after):.2f}",
-               "validation perplexity before training": f"{_ppl(t.before):.2f}"}
+               "validation perplexity before training": f"{_ppl(t.before):.2f}",
+               "weights from": _weights_from(t, weights_step),
+               "training ended": ended}
     if t.cfg.eval_at_end:
         from .evaluation import end_of_training
 
         results.update(end_of_training(writer, t.cfg, log))
-    t.run.write_info(t.settings, stats=t.store.stats, block_size=t.cfg.block_size,
-                     results={"val_loss": after, "val_ppl": _ppl(after), "val_loss_before": t.before,
-                              "val_ppl_before": _ppl(t.before)})
+    _write_info(t, results={"val_loss": after, "val_ppl": _ppl(after), "val_loss_before": t.before,
+                            "val_ppl_before": _ppl(t.before), "weights_step": weights_step, "ended": ended})
     t.run.plot_loss()
     t.run.write_card(t.settings, t.store.stats, results, samples)
     log(f"validation perplexity: {_ppl(t.before):.2f} before, {_ppl(after):.2f} after training")
     log(f"model saved to {t.run.path}")
     return t.run.path
+
+
+def _weights_from(t: Trainer, step: int) -> str:
+    best = " (the best validation loss of the periodic evaluations)" if t.cfg.keeps_best and t.best.step else ""
+    return f"step {step}" + (best or " (the last)")
+
+
+def _final_model(t: Trainer, log) -> tuple[torch.nn.Module, Writer, int]:
+    """The model to publish, its writer and the step of its weights: with --keep-best the best evaluated
+    weights; under FSDP the last ones, reloaded (rank 0 cannot run a sharded model alone); else the last."""
+    source, step = (t.last_saved, t.step) if t.sharded else (None, t.step)
+    if t.cfg.keeps_best and t.best.step is None:
+        log("warning: no periodic evaluation gave a finite validation loss; publishing the last weights")
+    elif t.cfg.keeps_best:
+        source, step = checkpoint.best_dir(t.run.path), t.best.step
+        log(f"publishing the best weights: step {step}, validation loss {t.best.loss:.4f}")
+    if source is None:
+        return t.model, t.writer, step
+    model = build_model(t.cfg, t.tokenizer, t.device, source).to(t.device)
+    return model, Writer(model, t.tokenizer, autocast=t.writer.autocast, log=log), step
 
 
 def _ppl(loss: float) -> float:
