@@ -214,6 +214,21 @@ def held(path: Path) -> bool:
     return Path(path).resolve() in _held
 
 
+def holder(path: Path) -> str | None:
+    """What holds the run dir's lock (train, export), or None when nothing does."""
+    import fcntl
+
+    try:
+        with open(Path(path) / LOCK_FILE) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return handle.read().strip().partition(" ")[2] or "train"
+    except OSError:  # no lock file: never locked
+        pass
+    return None
+
+
 def release(path: Path) -> None:
     """Let go of the run dir's lock (no-op when this process does not hold it)."""
     handle = _held.pop(Path(path).resolve(), None)
@@ -333,8 +348,9 @@ def plot_losses(runs: dict[str, list[dict]], path: Path) -> Path:
 # --- listing runs (`penwright runs`) ------------------------------------------------------------
 
 def this_process() -> dict:
-    """Who is training a run, recorded in penwright.json: `penwright runs` asks whether it still lives."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": _started(os.getpid()), "cwd": os.getcwd()}
+    """Who is training a run, recorded in penwright.json: where (`penwright runs` asks this machine's lock, or
+    another's metrics) and from which folder (its continue command)."""
+    return {"pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd()}
 
 
 def find_runs(root: Path) -> list[Path]:
@@ -378,29 +394,21 @@ def _state(run: RunDir, info: dict, records: list[dict]) -> str:
     ending = ENDINGS & (records[-1].keys() if records else set())
     if ending:
         return ending.pop()
-    return "running" if _running(info.get("process") or {}, run.metrics_path) else "crashed"
+    return "running" if _running(info.get("process") or {}, run.path, run.metrics_path) else "crashed"
 
 
-def _running(process: dict, metrics: Path) -> bool:
-    """The recorded training process is alive (the same process: pid and start time match). A run trained
-    on another machine counts as running while its metrics.jsonl changed in the last ten minutes."""
+def _running(process: dict, run: Path, metrics: Path) -> bool:
+    """A process trains the run: on this machine, it holds the run dir's lock (the kernel lets go of it
+    when the process dies, however it dies). A run trained on another machine counts as running while
+    its metrics.jsonl changed in the last ten minutes."""
     if not process:  # a run from before penwright recorded it
         return False
-    if process.get("host") != socket.gethostname():
-        try:
-            return time.time() - metrics.stat().st_mtime < 600
-        except OSError:
-            return False
-    pid = process.get("pid")
-    return isinstance(pid, int) and files.alive(pid) and _started(pid) == process.get("started")
-
-
-def _started(pid: int) -> int | None:
-    """When process `pid` started, in clock ticks since boot (Linux); None where that cannot be read."""
+    if process.get("host") == socket.gethostname():
+        return holder(run) == "train"
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+        return time.time() - metrics.stat().st_mtime < 600
+    except OSError:
+        return False
 
 
 def _model_name(config: dict) -> str:
