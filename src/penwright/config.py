@@ -347,8 +347,8 @@ class GenerateConfig(Runtime, SampleConfig):
     prompt_file: str | None = opt(None, "file with one prompt per line")
     output: str | None = opt(None, "also write the samples to this .jsonl file (one JSON object per sample: "
                                    "prompt, text, label, finish_reason, new_tokens, seed)")
-    quantize: Literal["int8", "none"] = opt("int8", "on CPU, store weights as int8 for faster writing "
-                                                    "(perplexity within 1%% of fp32's: +0.8%% on SmolLM2-135M), or none")
+    quantize: Literal["int8", "none"] = opt("int8", "on CPU, store weights as int8 for faster writing (perplexity "
+                                                    "within 1%% of fp32's: +0.8%% on SmolLM2-135M), or none")
     engine: Literal["auto", "penwright", "hf"] = opt(
         "auto", "what runs the model: penwright (its own engine, fast to start and to write; local GPT-2, "
                 "Llama, Mistral and Qwen2 folders with safetensors and tokenizer.json), hf (transformers: "
