@@ -92,16 +92,18 @@ def test_the_terminal_chat_keeps_the_conversation_and_ctrl_c_stops_a_reply(tiny_
                  "--max-new-tokens", "4", "--precision", "fp32"]) == 0
     out, err = capsys.readouterr()
     assert len(prompts) == 3 and "Ctrl+D quits" in err
-    first, stopped = out.splitlines()[:2]
-    assert first and stopped.endswith(" [stopped]")
+    # Each reply is read back from the next prompt, which holds it (a reply may itself hold line breaks).
+    turn = "<|im_end|>\n<|im_start|>user\nOnce more?<|im_end|>\n<|im_start|>assistant\n"
+    assert prompts[1].startswith(prompts[0]) and prompts[1].endswith(turn)
+    first = prompts[1][len(prompts[0]):-len(turn)]
     system = "<|im_start|>system\nYou name genres.<|im_end|>\n"
-    assert prompts[1] == (prompts[0] + f"{first}<|im_end|>\n<|im_start|>user\nOnce more?<|im_end|>\n"
-                                       "<|im_start|>assistant\n")
     # The third turn no longer fits the tiny model's 64-token context with the first: that exchange is
     # forgotten, the system prompt and the interrupted reply are kept.
-    partial = stopped.removesuffix(" [stopped]")
-    assert prompts[2] == (f"{system}<|im_start|>user\nOnce more?<|im_end|>\n<|im_start|>assistant\n{partial}"
-                          "<|im_end|>\n<|im_start|>user\nAnd again?<|im_end|>\n<|im_start|>assistant\n")
+    head = f"{system}<|im_start|>user\nOnce more?<|im_end|>\n<|im_start|>assistant\n"
+    tail = "<|im_end|>\n<|im_start|>user\nAnd again?<|im_end|>\n<|im_start|>assistant\n"
+    assert prompts[2].startswith(head) and prompts[2].endswith(tail)
+    partial = prompts[2][len(head):-len(tail)]
+    assert first and out.startswith(f"{first}\n{partial} [stopped]\n")
     assert "oldest exchange is forgotten" in err
 
 

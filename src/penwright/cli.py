@@ -11,6 +11,7 @@ import difflib
 import json
 import os
 import shlex
+import signal
 import sys
 import types
 import typing
@@ -229,13 +230,14 @@ def cmd_generate(cfg: GenerateConfig) -> None:
         warn(f"wrote {plural(len(samples), 'sample')} to {cfg.output}")
 
 
-def _stream(writer, prompt: str | None, sampling):
-    """Print the prompt in bold (on a terminal), then the continuation as it is written; return the Sample."""
+def _stream(writer, prompt: str | None, sampling, stop=None):
+    """Print the prompt in bold (on a terminal), then the continuation as it is written; return the Sample,
+    or None when `stop` (a guards.StopFlag) was raised by Ctrl+C, which ends the writing after the current piece."""
     bold = sys.stdout.isatty()
     if prompt:
         sys.stdout.write(f"\033[1m{prompt}\033[0m" if bold else prompt)
     pieces = writer.stream(prompt, sampling)
-    while True:
+    while not (stop and stop.raised):
         try:
             piece = next(pieces)
         except StopIteration as done:  # the generator's return value: the finished Sample
@@ -243,6 +245,8 @@ def _stream(writer, prompt: str | None, sampling):
             return done.value
         sys.stdout.write(piece)
         sys.stdout.flush()
+    pieces.close()
+    return None
 
 
 def _typed(prompt: str, hint: str, ctrl_c: str | None = None):
@@ -269,18 +273,20 @@ def _typed(prompt: str, hint: str, ctrl_c: str | None = None):
 
 
 def cmd_interactive(cfg: GenerateConfig) -> None:
+    from .guards import StopFlag
+
     writer = _writer(cfg)
     sampling = cfg.sampling()
     hint = "Type a prompt and press Enter. Ctrl+C stops the writing; at the prompt, Ctrl+C or Ctrl+D quits."
     for prompt in _typed("prompt> ", hint):
-        try:
+        with StopFlag(signal.SIGINT) as ctrl_c:  # stops this prompt's samples, not the session
             for i in range(cfg.num_samples):
                 if cfg.num_samples > 1:
                     print(f"===== sample {i + 1} =====")
-                _stream(writer, prompt, sampling)
-        except KeyboardInterrupt:  # stop this prompt's samples, not the session (a second Ctrl+C quits)
-            print(flush=True)
-            print("[stopped]", file=sys.stderr)
+                if _stream(writer, prompt, sampling, ctrl_c) is None:
+                    print(flush=True)
+                    print("[stopped]", file=sys.stderr)
+                    break
 
 
 def cmd_chat(cfg: ChatConfig) -> None:
@@ -304,16 +310,19 @@ def _reply(writer, messages: list[dict], sampling) -> str:
     room = writer.context - min(sampling.max_new_tokens, writer.context // 2)
     while len(writer.tokenizer.encode(prompt)) > room and _drop_oldest(messages):
         prompt = writer.render(messages)
+    from .guards import StopFlag
+
     pieces = []
     stream = writer.stream(prompt, sampling)
-    try:
+    with StopFlag(signal.SIGINT) as ctrl_c:
         for piece in stream:
             pieces.append(piece)
             sys.stdout.write(piece)
             sys.stdout.flush()
-    except KeyboardInterrupt:
-        stream.close()
-        sys.stdout.write(" [stopped]")
+            if ctrl_c.raised:
+                stream.close()
+                sys.stdout.write(" [stopped]")
+                break
     sys.stdout.write("\n")
     return "".join(pieces)
 

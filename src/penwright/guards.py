@@ -1,4 +1,5 @@
-"""What stops a training run safely: a signal (finish the step, save, say how to resume), steps
+"""What stops a training run safely: a signal (finish the step, save, say how to resume; writing in the
+terminal uses the same flag to stop after a token), steps
 whose loss or gradient is not finite (skipped, up to a limit), running out of memory (advice
 instead of a traceback), and a validation loss that stopped getting better (`EarlyStop`).
 """
@@ -17,13 +18,16 @@ from .words import plural
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask the loop to finish its step, save and exit cleanly."""
+    """SIGINT/SIGTERM (or the `signals` given) ask a loop to stop where it can: training finishes its
+    step, saves and exits; writing ends after its current token. A flag, not an exception raised
+    wherever the signal lands, so that nothing is left half-updated (the engine's KV cache slots)."""
 
-    def __init__(self):
+    def __init__(self, *signals: signal.Signals):
+        self.signals = signals or (signal.SIGINT, signal.SIGTERM)
         self.raised = None
 
     def __enter__(self):
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._handle) for s in self.signals}
         return self
 
     def _handle(self, signum, frame):
