@@ -167,13 +167,16 @@ def test_ctrl_c_in_interactive_stops_the_writing_and_at_the_prompt_quits(tiny_ru
     proc = subprocess.Popen([sys.executable, "-m", "penwright", "interactive", "--model", str(tiny_run),
                              "--num-samples", "100000", "--max-new-tokens", "8"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    seen = []
-    threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True).start()
+    seen, said = [], []  # both pipes are drained as they fill, so the child never blocks on a write
+    readers = [threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True),
+               threading.Thread(target=lambda: said.extend(iter(proc.stderr.readline, "")), daemon=True)]
+    for reader in readers:
+        reader.start()
 
     def wait_for(text: str, count: int = 1) -> None:
         deadline = time.monotonic() + 300
         while "".join(seen).count(text) < count:
-            assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-500:]
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(seen)[-500:] + "".join(said)
             time.sleep(0.05)
 
     try:
@@ -184,9 +187,11 @@ def test_ctrl_c_in_interactive_stops_the_writing_and_at_the_prompt_quits(tiny_ru
             proc.send_signal(signal.SIGINT)
             wait_for("prompt> ", n + 1)  # back at the prompt, and it takes the next one
         proc.send_signal(signal.SIGINT)  # at the prompt: quit
-        assert proc.wait(timeout=60) == 130
+        assert proc.wait(timeout=180) == 130, "".join(said)
     finally:
         proc.kill()
+    for reader in readers:  # the pipes' last bytes
+        reader.join(timeout=30)
     text = "".join(seen)
     assert text.count("===== sample 1 =====") == 2 and "===== sample 100000" not in text
-    assert proc.stderr.read().count("[stopped]") == 2
+    assert "".join(said).count("[stopped]") == 2
