@@ -64,7 +64,7 @@ def slow(tiny_run):
 def url(tiny_run, slow):
     chatty = writer_from(tiny_run)
     chatty.tokenizer.chat_template = CHAT_TEMPLATE
-    cfg = ServeConfig(max_prompt_tokens=50, max_tokens_cap=64, max_body_bytes=20_000, batch_size=4)
+    cfg = ServeConfig(max_prompt_tokens=50, max_tokens_cap=64, max_body_bytes=20_000, max_batch=4)
     app = create_app(cfg, {"tiny": writer_from(tiny_run), "chatty": chatty, "slow": slow})
     with serving(app) as url:
         yield url

@@ -339,7 +339,19 @@ class SampleConfig(Settings):
 
 
 @dataclass
-class GenerateConfig(Runtime, SampleConfig):
+class WritingRuntime(Runtime):
+    """What writes: the engine and its weights; shared by generate and serve."""
+
+    quantize: Literal["int8", "none"] = opt("int8", "on CPU, store weights as int8 for faster writing (perplexity "
+                                                    "within 1%% of fp32's: +0.8%% on SmolLM2-135M), or none")
+    engine: Literal["auto", "penwright", "hf"] = opt(
+        "auto", "what runs the model: penwright (its own engine, fast to start and to write; local GPT-2, "
+                "Llama, Mistral and Qwen2 folders with safetensors and tokenizer.json), hf (transformers: "
+                "any causal LM, hub ids, .gguf, LoRA runs), or auto (penwright where it can, else hf)")
+
+
+@dataclass
+class GenerateConfig(WritingRuntime, SampleConfig):
     """`penwright generate` and `penwright interactive`: a model plus sampling settings."""
 
     model: str | None = opt(None, "run directory (or any HF model directory, hub id or .gguf) to sample from")
@@ -347,12 +359,6 @@ class GenerateConfig(Runtime, SampleConfig):
     prompt_file: str | None = opt(None, "file with one prompt per line")
     output: str | None = opt(None, "also write the samples to this .jsonl file (one JSON object per sample: "
                                    "prompt, text, label, finish_reason, new_tokens, seed)")
-    quantize: Literal["int8", "none"] = opt("int8", "on CPU, store weights as int8 for faster writing (perplexity "
-                                                    "within 1%% of fp32's: +0.8%% on SmolLM2-135M), or none")
-    engine: Literal["auto", "penwright", "hf"] = opt(
-        "auto", "what runs the model: penwright (its own engine, fast to start and to write; local GPT-2, "
-                "Llama, Mistral and Qwen2 folders with safetensors and tokenizer.json), hf (transformers: "
-                "any causal LM, hub ids, .gguf, LoRA runs), or auto (penwright where it can, else hf)")
 
     def check(self):
         _check(not (self.prompt is not None and self.prompt_file is not None),
@@ -420,7 +426,7 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 @dataclass
-class ServeConfig(Runtime):
+class ServeConfig(WritingRuntime):
     """`penwright serve`: models behind an OpenAI-compatible API and a web page."""
 
     model: list[str] = opt([], "run directory to serve, as PATH or NAME=PATH (repeatable)", action="append")
@@ -431,7 +437,10 @@ class ServeConfig(Runtime):
     max_tokens_cap: int = opt(512, "refuse requests for more new tokens than this")
     max_body_bytes: int = opt(1_000_000, "refuse request bodies larger than this")
     timeout: float = opt(120.0, "seconds a request may wait and run before it is abandoned")
-    batch_size: int = opt(8, "most requests written at once: alike plain ones in a batch, streams in turns")
+    max_batch: int = opt(8, "most rows written at once (continuous batching; transformers' engine: alike plain "
+                            "requests in a batch, streams in turns)")
+    max_queue: int = opt(64, "requests that may wait for a row; more are refused with 429 and Retry-After")
+    prefill_chunk: int = opt(64, "prompt tokens prefilled per decode step, so a long prompt does not stall streams")
     threads: int | None = opt(None, "CPU threads for PyTorch (default: all cores but one, which answers HTTP)")
 
     def check(self):
@@ -439,7 +448,8 @@ class ServeConfig(Runtime):
             self.api_key = os.environ.get("PENWRIGHT_API_KEY") or None
         _check(self.api_key != "", "--api-key must not be empty")
         _check(0 <= self.port <= 65535, f"--port must be in 0..65535, got {self.port}")
-        _at_least(self, 1, "max_prompt_tokens", "max_tokens_cap", "max_body_bytes", "batch_size")
+        _at_least(self, 1, "max_prompt_tokens", "max_tokens_cap", "max_body_bytes", "max_batch",
+                  "max_queue", "prefill_chunk")
         _check(math.isfinite(self.timeout) and self.timeout > 0, f"--timeout must be positive, got {self.timeout}")
         _check(self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}")
         self.models()  # refuses clashing names now rather than at start-up

@@ -88,11 +88,11 @@ class Writer:
         `abandoned()`, asked after every token, ends the writing early when nobody waits for it any more.
         """
         jobs = [p for p in prompts for _ in range(cfg.num_samples)]
-        generator = self._generator(cfg.seed)
+        generator = self.generator(cfg.seed)
         out = []
         for start in range(0, len(jobs), cfg.batch_size):
             batch = jobs[start:start + cfg.batch_size]
-            ids, budget = zip(*(self._prompt_ids(p, cfg) for p in batch))
+            ids, budget = zip(*(self.prompt_ids(p, cfg) for p in batch))
             new = [[] for _ in batch]
             reasons = ["length"] * len(batch)
             for step in self._decode(list(ids), replace(cfg, max_new_tokens=min(budget)), generator):
@@ -112,29 +112,23 @@ class Writer:
                **settings) -> Generator[str, None, Sample]:
         """Yield one sample's text piece by piece as it is written; return the finished Sample."""
         cfg = cfg or SampleConfig(**settings)
-        ids, budget = self._prompt_ids(prompt, cfg)
-        tokens, sent, reason = [], 0, "length"
-        for step in self._decode([ids], replace(cfg, max_new_tokens=budget), self._generator(cfg.seed)):
-            if step[0] is None:
-                reason = "stop"  # end of text
-            else:
-                tokens.append(step[0])
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            safe, stopped = finish(text, cfg, final=False)
-            if len(safe) > sent:
-                yield safe[sent:]
-                sent = len(safe)
+        ids, budget = self.prompt_ids(prompt, cfg)
+        draft = Draft(self.tokenizer, prompt, cfg)
+        for step in self._decode([ids], replace(cfg, max_new_tokens=budget), self.generator(cfg.seed)):
+            piece, stopped = draft.add(step[0])
+            if piece:
+                yield piece
             if stopped:
                 break
-        final, stopped = finish(self.tokenizer.decode(tokens, skip_special_tokens=True), cfg)
-        if len(final) > sent:
-            yield final[sent:]
-        return Sample(prompt, final, cfg.label, "stop" if stopped else reason, len(tokens))
+        piece, sample = draft.close()
+        if piece:
+            yield piece
+        return sample
 
     def token_ids(self, prompt: str | None, cfg: SampleConfig) -> tuple[list[int], list[int]]:
         """The ids fed for `prompt` (EOS, label token, prompt) and the ids written after them, EOS included."""
-        ids, budget = self._prompt_ids(prompt, cfg)
-        steps = self._decode([ids], replace(cfg, max_new_tokens=budget), self._generator(cfg.seed))
+        ids, budget = self.prompt_ids(prompt, cfg)
+        steps = self._decode([ids], replace(cfg, max_new_tokens=budget), self.generator(cfg.seed))
         return ids, [self.tokenizer.eos_token_id if step[0] is None else step[0] for step in steps]
 
     def render(self, messages: list[dict]) -> Chat:
@@ -151,7 +145,7 @@ class Writer:
 
     # --- internals --------------------------------------------------------------------------
 
-    def _generator(self, seed: int | None) -> torch.Generator:
+    def generator(self, seed: int | None) -> torch.Generator:
         generator = torch.Generator(self.device)
         if seed is None:
             generator.seed()
@@ -159,7 +153,7 @@ class Writer:
             generator.manual_seed(seed)
         return generator
 
-    def _prompt_ids(self, prompt: str | None, cfg: SampleConfig) -> tuple[list[int], int]:
+    def prompt_ids(self, prompt: str | None, cfg: SampleConfig) -> tuple[list[int], int]:
         """EOS (how every training document starts), the label's token, then the prompt; a Chat alone."""
         head = [] if isinstance(prompt, Chat) else [self.tokenizer.eos_token_id]
         if cfg.label is not None and not head:
@@ -181,6 +175,10 @@ class Writer:
                      f"{max_new} new tokens in a {self.context}-token context; keeping its last {room}")
             body = body[len(body) - room:]
         return head + body, max_new
+
+    def ends(self, tokens: list[int], cfg: SampleConfig) -> bool:
+        """Whether a row whose new tokens are `tokens` is over: EOS (or end of turn), or a stop string."""
+        return tokens[-1] in self.stops or _hit_stop(self.tokenizer, tokens, cfg.stop)
 
     def _stepper(self):
         if isinstance(self.model, Model):
@@ -206,7 +204,7 @@ class Writer:
                     if done[row]:
                         continue
                     texts[row].append(token)
-                    if token in stops or _hit_stop(self.tokenizer, texts[row], cfg.stop):
+                    if self.ends(texts[row], cfg):
                         done[row] = True
                         step[row] = None if token in stops else token
                     else:
@@ -247,6 +245,34 @@ class HFStepper:
                              past_key_values=self.past, use_cache=True)
         self.past = out.past_key_values
         return out.logits[:, -1, :]
+
+
+class Draft:
+    """One row's text as its tokens arrive: the pieces safe to show so far, and the finished Sample.
+    Streaming (`Writer.stream`) and the server's batches (serve/batcher.py) both write through it."""
+
+    def __init__(self, tokenizer, prompt: str | None, cfg: SampleConfig):
+        self.tokenizer, self.prompt, self.cfg = tokenizer, prompt, cfg
+        self.tokens: list[int] = []
+        self.sent, self.reason = 0, "length"
+
+    def add(self, token: int | None) -> tuple[str, bool]:
+        """Take the next token (None: end of text); the new text safe to show, and whether a stop string ended it."""
+        if token is None:
+            self.reason = "stop"
+        else:
+            self.tokens.append(token)
+        safe, stopped = finish(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.cfg, final=False)
+        piece = safe[self.sent:]
+        self.sent = max(self.sent, len(safe))
+        return piece, stopped
+
+    def close(self) -> tuple[str, Sample]:
+        """The text not shown yet, and the Sample."""
+        final, stopped = finish(self.tokenizer.decode(self.tokens, skip_special_tokens=True), self.cfg)
+        piece = final[self.sent:]
+        self.sent = len(final)
+        return piece, Sample(self.prompt, final, self.cfg.label, "stop" if stopped else self.reason, len(self.tokens))
 
 
 def _hit_stop(tokenizer, tokens: list[int], stops: list[str]) -> bool:

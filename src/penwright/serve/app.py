@@ -25,10 +25,10 @@ from starlette.exceptions import HTTPException
 
 from ..config import SampleConfig, ServeConfig
 from ..errors import PenwrightError
-from ..generate import Writer, load
+from ..generate import Chat, Writer, load
 from ..words import plural
 from .requests import ChatRequest, CompletionRequest, Sampling
-from .worker import Job, Worker
+from .worker import Job, TurnWorker, Worker
 
 STATIC = Path(__file__).parent / "static"
 MAX_SAMPLES = 64  # prompts x n in one request; more is a denial of service, not a use
@@ -37,9 +37,9 @@ DISCONNECT_POLL_S = 0.25  # how often a plain request's wait looks for a client 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.param, self.code, self.kind = status, param, code, kind
+        self.status, self.param, self.code, self.kind, self.headers = status, param, code, kind, headers
 
     def body(self) -> dict:
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
@@ -58,8 +58,20 @@ def as_api_error(e: Exception) -> ApiError:
 def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
     if not cfg.model:
         raise PenwrightError("no model given: pass --model runs/NAME (repeatable; --model NAME=PATH names it)")
-    # transformers' engine: token counts use its tokenizer
-    return {name: load(path, cfg.precision, cfg.device, log=log, engine="hf") for name, path in cfg.models().items()}
+    # as `penwright generate` loads them: penwright's engine and int8 where it can, else transformers
+    return {name: load(path, cfg.precision, cfg.device, cfg.allow_pickle, log=log, quantize=cfg.quantize,
+                       engine=cfg.engine) for name, path in cfg.models().items()}
+
+
+def worker_for(name: str, writer: Writer, cfg: ServeConfig) -> Worker:
+    """Continuous batching where penwright's engine writes; batches and turns on transformers'."""
+    from ..engine import Model
+
+    if isinstance(writer.model, Model):
+        from .batcher import Batcher
+
+        return Batcher(name, writer, cfg.max_batch, cfg.prefill_chunk)
+    return TurnWorker(name, writer, cfg.max_batch)
 
 
 class Server:
@@ -68,7 +80,7 @@ class Server:
 
     def __init__(self, cfg: ServeConfig, writers: dict[str, Writer]):
         self.cfg, self.writers = cfg, writers
-        self.workers = {name: Worker(name, writer, cfg.batch_size) for name, writer in writers.items()}
+        self.workers = {name: worker_for(name, writer, cfg) for name, writer in writers.items()}
         self.started = int(time.time())
 
     def close(self) -> None:
@@ -119,7 +131,7 @@ class Server:
 
     def settings(self, request: Sampling, writer: Writer, prompts: list[str | None]) -> SampleConfig:
         """Check the request against the server's limits and return its sampling settings."""
-        cfg, sampling = self.cfg, request.sampling(self.cfg.batch_size)
+        cfg, sampling = self.cfg, request.sampling(self.cfg.max_batch)
         if sampling.max_new_tokens > cfg.max_tokens_cap:
             raise ApiError(400, f"max_tokens is {sampling.max_new_tokens}; this server writes at most "
                                 f"{cfg.max_tokens_cap} (--max-tokens-cap)", param="max_tokens")
@@ -133,6 +145,13 @@ class Server:
             if (size := count_tokens(writer, prompt)) > room:
                 raise ApiError(400, f"the prompt is {plural(size, 'token')}; this server takes at most {room}",
                                param="prompt", code="context_length_exceeded")
+            # what the context holds after the leading EOS and label (none before a chat reply) and a prompt token;
+            # a longer prompt keeps its last tokens, as `penwright generate` does
+            most = writer.context - 1 - (0 if isinstance(prompt, Chat) else 1 + (sampling.label is not None))
+            if sampling.max_new_tokens > most:
+                raise ApiError(400, f"max_tokens is {sampling.max_new_tokens}; this model's "
+                                    f"{writer.context}-token context holds at most {most} new tokens",
+                               param="max_tokens", code="context_length_exceeded")
         return sampling
 
     def chat_prompt(self, name: str, writer: Writer, body: ChatRequest) -> str:
@@ -175,7 +194,13 @@ class Server:
         reply = Reply(chat, name, [(p or "") if echo else "" for p in prompts for _ in range(sampling.num_samples)],
                       sum(count_tokens(writer, p) for p in prompts))
         deadline = time.monotonic() + self.cfg.timeout
-        job = self.workers[name].submit(prompts, sampling, body.stream)
+        worker = self.workers[name]
+        if worker.queued >= self.cfg.max_queue:  # the event loop alone submits, so the check holds
+            wait = worker.retry_after()
+            raise ApiError(429, f"the server is busy: {plural(worker.queued, 'request')} already wait for "
+                                f"{name!r} (--max-queue); retry in {plural(wait, 'second')}",
+                           code="rate_limit_exceeded", kind="requests", headers={"Retry-After": str(wait)})
+        job = worker.submit(prompts, sampling, body.stream)
         if not body.stream:
             samples = [event[1] async for event in self.events(job, deadline, request)]
             if not samples:  # the client left: nobody reads the answer
@@ -192,8 +217,7 @@ class Server:
              "context_length": writer.context} for name, writer in self.writers.items()]}
 
     def health(self) -> dict:
-        return {"status": "ok", "models": {name: {"queued": w.queued, "streaming": len(w.flows)}
-                                           for name, w in self.workers.items()},
+        return {"status": "ok", "models": {name: w.health() for name, w in self.workers.items()},
                 "auth": self.cfg.api_key is not None,
                 "limits": {"max_tokens_cap": self.cfg.max_tokens_cap, "max_prompt_tokens": self.cfg.max_prompt_tokens}}
 
@@ -257,6 +281,7 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
         server.close()
 
     app = FastAPI(title="penwright", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
     for kind in (ApiError, PenwrightError, HTTPException, Exception):
         app.add_exception_handler(kind, error_reply)
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(server.authorize)])
@@ -283,7 +308,7 @@ def create_app(cfg: ServeConfig, writers: dict[str, Writer] | None = None, log=p
 
 async def error_reply(request, e: Exception) -> JSONResponse:
     error = as_api_error(e)
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 def choice(chat: bool, index: int, text: str, reason: str | None, delta: bool = False, start: bool = False) -> dict:

@@ -1,15 +1,21 @@
 """One worker thread per model: a Writer is not thread-safe, so requests wait their turn here.
 
-Queued plain (non-streaming) requests that ask for exactly the same settings, with no seed, are
-written together in one batch. Streams take turns, one piece each, so every client sees its text
-flow; a stream stops as soon as its client leaves. Results travel back to the event loop through
-each job's asyncio queue.
+`Worker` holds what every model's worker shares: the bounded wait queue the event loop submits to,
+the thread, and the times that answer "how long until there is room" (`retry_after`). Models on
+penwright's engine get `Batcher` (batcher.py: continuous batching). Models on transformers' engine
+get `TurnWorker`: queued plain (non-streaming) requests that ask for exactly the same settings, with
+no seed, are written together in one batch, and streams take turns, one piece each, so every client
+sees its text flow; a stream stops as soon as its client leaves. Results travel back to the event
+loop through each job's asyncio queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import statistics
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -28,6 +34,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # set by the event loop: the client left or ran out of time
+    created: float = field(default_factory=time.monotonic)
 
     def send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -46,7 +53,7 @@ class Flow:
         self.todo = enumerate(p for p in job.prompts for _ in range(n))
         self.index, self.pieces = 0, None
 
-    def step(self) -> bool:
+    def step(self, worker: Worker) -> bool:
         """Send the next piece; True once the stream is over (written, failed or abandoned)."""
         job = self.job
         try:
@@ -56,6 +63,7 @@ class Flow:
                 self.index, prompt = next(self.todo, (None, None))
                 if self.index is None:
                     job.send("done")
+                    worker.finished(job)
                     return True
                 n, seed = job.cfg.num_samples, job.cfg.seed  # sample k of a seeded request uses seed + k
                 cfg = replace(job.cfg, num_samples=1, seed=None if seed is None else seed + self.index % n)
@@ -76,12 +84,14 @@ class Flow:
 
 
 class Worker:
-    def __init__(self, name: str, writer: Writer, batch_size: int):
-        self.writer, self.batch_size = writer, batch_size
+    """The queue and thread of one model's worker; subclasses write (`_run`) and say what is under way (`busy`)."""
+
+    def __init__(self, name: str, writer: Writer, max_batch: int):
+        self.writer, self.max_batch = writer, max_batch
         self.jobs: deque[Job] = deque()
-        self.flows: list[Flow] = []  # streams under way, at most batch_size
         self.ready = threading.Condition()
         self.closed = False
+        self.durations: deque[float] = deque(maxlen=100)  # seconds from submission to the last word, lately
         self.thread = threading.Thread(target=self._run, name=f"penwright-serve-{name}", daemon=True)
         self.thread.start()
 
@@ -97,11 +107,55 @@ class Worker:
     def queued(self) -> int:
         return len(self.jobs)
 
+    @property
+    def busy(self) -> bool:
+        return False
+
+    @property
+    def streaming(self) -> int:
+        return 0
+
+    def health(self) -> dict:
+        return {"queued": self.queued, "streaming": self.streaming}
+
+    def retry_after(self) -> int:
+        """Seconds until a full queue has likely made room: the queue's waves of requests at the recent pace."""
+        typical = statistics.median(self.durations) if self.durations else 1.0
+        return max(1, min(60, math.ceil(typical * self.queued / self.max_batch)))
+
+    def finished(self, job: Job) -> None:
+        self.durations.append(time.monotonic() - job.created)
+
     def close(self) -> None:
         with self.ready:
             self.closed = True
             self.ready.notify()
         self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _wait_for_work(self) -> bool:
+        with self.ready:
+            while not (self.jobs or self.busy or self.closed):
+                self.ready.wait()
+            return not self.closed
+
+
+class TurnWorker(Worker):
+    """For transformers' engine: alike plain requests in a batch, streams in turns."""
+
+    def __init__(self, name: str, writer: Writer, max_batch: int):
+        self.flows: list[Flow] = []  # streams under way, at most max_batch
+        super().__init__(name, writer, max_batch)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.flows)
+
+    @property
+    def streaming(self) -> int:
+        return len(self.flows)
 
     # --- the worker thread ----------------------------------------------------------------------
 
@@ -116,19 +170,13 @@ class Worker:
                     for job in batch:
                         job.send("error", e)
             for _ in range(rounds):
-                self.flows = [flow for flow in self.flows if not flow.step()]
-
-    def _wait_for_work(self) -> bool:
-        with self.ready:
-            while not (self.jobs or self.flows or self.closed):
-                self.ready.wait()
-            return not self.closed
+                self.flows = [flow for flow in self.flows if not flow.step(self)]
 
     def _next_batch(self) -> list[Job]:
         """Start the streams at the head of the queue while there is room; then, if a plain job is
         next, return it with younger plain jobs of the same settings while they fit in a batch."""
         with self.ready:
-            while self.jobs and (self.jobs[0].cancelled or self.jobs[0].stream and len(self.flows) < self.batch_size):
+            while self.jobs and (self.jobs[0].cancelled or self.jobs[0].stream and len(self.flows) < self.max_batch):
                 job = self.jobs.popleft()
                 if not job.cancelled:
                     self.flows.append(Flow(self.writer, job))
@@ -140,7 +188,7 @@ class Worker:
                 return batch
             rows = first.rows
             for job in list(self.jobs):
-                if not job.stream and job.cfg == first.cfg and rows + job.rows <= self.batch_size:
+                if not job.stream and job.cfg == first.cfg and rows + job.rows <= self.max_batch:
                     self.jobs.remove(job)
                     if not job.cancelled:
                         batch.append(job)
@@ -152,4 +200,5 @@ class Worker:
                                       abandoned=lambda: all(job.cancelled for job in batch))
         for job in batch:
             job.send("samples", samples[:job.rows])
+            self.finished(job)
             samples = samples[job.rows:]

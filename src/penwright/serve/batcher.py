@@ -1,0 +1,194 @@
+"""Continuous batching on penwright's engine: one decode loop per model over a batch of rows.
+
+A request becomes rows (its prompts x n). A row waits until one of the cache's `--max-batch` slots
+is free, is prefilled into it a chunk at a time (`--prefill-chunk` prompt tokens per step in all,
+beside the running rows' decode steps, so a long prompt does not stall the streams), samples its
+first token from the prefill's logits and joins the next decode step. It leaves at EOS, a stop
+string or its length, or when its client leaves or runs out of time; its slot goes to the next row.
+
+Every row samples with its own settings and its own random generator (seeded: the request's seed
+plus the row's sample number), through the same `pick_tokens` as `penwright generate`, on its own
+logits: a seeded request writes the same text alone or beside others.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from ..config import SampleConfig
+from ..engine import Cache
+from ..generate import Draft, Sample, Writer, pick_tokens
+from .worker import Job, Worker
+
+
+@dataclass
+class Group:
+    """A request's rows: their samples as they finish, and how many are still writing."""
+
+    job: Job
+    samples: list[Sample | None]
+    left: int
+    first_token: bool = False
+
+
+@dataclass
+class Row:
+    group: Group
+    index: int  # the choice's index in the reply
+    ids: list[int]  # what is prefilled: EOS, the label's token, the prompt
+    cfg: SampleConfig  # its own settings; max_new_tokens what its slot has room for
+    draft: Draft
+    generator: torch.Generator
+    seen: torch.Tensor  # (1, ids so far), read by the repetition penalty
+    new: list[int] = field(default_factory=list)  # tokens written, EOS included
+    slot: int | None = None
+    prefill: Iterator | None = None
+    todo: int = 0  # prompt tokens not prefilled yet
+    last: int | None = None  # the token the next decode step feeds
+
+    @property
+    def job(self) -> Job:
+        return self.group.job
+
+
+class Batcher(Worker):
+    def __init__(self, name: str, writer: Writer, max_batch: int, prefill_chunk: int):
+        self.cache = Cache(writer.model, max_batch, writer.context)
+        self.chunk = prefill_chunk
+        self.next: deque[Row] = deque()  # rows of the request taken from the queue, waiting for a slot
+        self.rows: list[Row] = []  # rows holding a slot: prefilling, then decoding
+        self.first_tokens: deque[float] = deque(maxlen=200)  # seconds from submission to a request's first token
+        super().__init__(name, writer, max_batch)
+
+    @property
+    def queued(self) -> int:
+        return len(self.jobs) + bool(self.next)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.next)
+
+    @property
+    def streaming(self) -> int:
+        return len({id(row.job) for row in self.rows if row.job.stream})
+
+    def health(self) -> dict:
+        """What is under way, and the median time to first token of recent requests."""
+        first = round(statistics.median(self.first_tokens), 4) if self.first_tokens else None
+        return {**super().health(), "rows": len(self.rows), "max_batch": self.max_batch, "first_token_s": first}
+
+    # --- the worker thread ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(self) -> None:
+        self.writer.model.eval()
+        while self._wait_for_work():
+            try:
+                self._leave_cancelled()
+                self._admit()
+                self._decode()
+                self._prefill()
+            except Exception as e:  # noqa: BLE001 (every client under way must hear about it; the loop goes on)
+                for group in {id(row.group): row.group for row in [*self.rows, *self.next]}.values():
+                    group.job.send("error", e)
+                    group.job.cancelled = True
+                self._leave_cancelled()
+
+    def _leave_cancelled(self) -> None:
+        """Rows whose client left or ran out of time give their slots back."""
+        self.next = deque(row for row in self.next if not row.job.cancelled)
+        for row in [row for row in self.rows if row.job.cancelled]:
+            self._leave(row)
+
+    def _admit(self) -> None:
+        """Give free slots to waiting rows, oldest request first, and start their prefills."""
+        while self.cache.idle:
+            if not self.next:
+                with self.ready:
+                    job = self.jobs.popleft() if self.jobs else None
+                if job is None:
+                    return
+                if not job.cancelled:
+                    self.next.extend(self._rows_of(job))
+                continue
+            row = self.next.popleft()
+            row.slot = self.cache.reserve()
+            row.prefill, row.todo = self.cache.prefill(row.slot, row.ids, self.chunk), len(row.ids)
+            self.rows.append(row)
+
+    def _rows_of(self, job: Job) -> list[Row]:
+        n, seed = job.cfg.num_samples, job.cfg.seed
+        group = Group(job, [None] * job.rows, job.rows)
+        rows = []
+        try:
+            for index, prompt in enumerate(p for p in job.prompts for _ in range(n)):
+                ids, budget = self.writer.prompt_ids(prompt, job.cfg)
+                cfg = replace(job.cfg, num_samples=1, max_new_tokens=budget)
+                rows.append(Row(group, index, ids, cfg, Draft(self.writer.tokenizer, prompt, job.cfg),
+                                self.writer.generator(None if seed is None else seed + index % n),
+                                torch.tensor([ids], device=self.writer.device)))
+        except Exception as e:  # noqa: BLE001 (a request the writer refuses fails alone)
+            job.send("error", e)
+            return []
+        return rows
+
+    def _prefill(self) -> None:
+        """Feed prompts a chunk at a time, oldest first, up to `chunk` tokens in all this step (at least one
+        chunk); a row whose prompt is in samples its first token."""
+        spent = 0
+        for row in [row for row in self.rows if row.prefill is not None]:
+            size = min(self.chunk, row.todo)
+            if spent and spent + size > self.chunk:
+                return
+            logits = next(row.prefill)
+            spent, row.todo = spent + size, row.todo - size
+            if logits is not None:  # the last chunk
+                row.prefill = None
+                self._take([row], logits[None])
+
+    def _decode(self) -> None:
+        rows = [row for row in self.rows if row.last is not None]
+        if rows:
+            ids = torch.tensor([row.last for row in rows], device=self.writer.device)
+            self._take(rows, self.cache.decode([row.slot for row in rows], ids))
+
+    def _take(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Each row samples its next token from its logits, with its own settings and generator."""
+        for row, scores in zip(rows, logits):
+            token = int(pick_tokens(scores[None], row.cfg, row.generator, row.seen)[0])
+            row.new.append(token)
+            if row.cfg.repetition_penalty != 1.0:
+                row.seen = torch.cat([row.seen, row.seen.new_tensor([[token]])], dim=1)
+            over = self.writer.ends(row.new, row.cfg) or len(row.new) >= row.cfg.max_new_tokens
+            piece, _ = row.draft.add(None if token in self.writer.stops else token)
+            if piece and row.job.stream:
+                row.job.send("text", row.index, piece)
+            if not row.group.first_token:
+                row.group.first_token = True
+                self.first_tokens.append(time.monotonic() - row.job.created)
+            row.last = token
+            if over:
+                self._finish(row)
+
+    def _finish(self, row: Row) -> None:
+        piece, sample = row.draft.close()
+        group, job = row.group, row.job
+        if job.stream:
+            if piece:
+                job.send("text", row.index, piece)
+            job.send("end", row.index, sample)
+        group.samples[row.index], group.left = sample, group.left - 1
+        if not group.left:
+            job.send(*(("done",) if job.stream else ("samples", group.samples)))
+            self.finished(job)
+        self._leave(row)
+
+    def _leave(self, row: Row) -> None:
+        self.rows.remove(row)
+        self.cache.free(row.slot)
