@@ -1,5 +1,7 @@
 """A bounded fuzz of the HTTP API: requests hypothesis makes up, well-formed or not, never get a
-5xx, and the server answers a fixed request the same way before and after them.
+5xx, and the server answers a fixed request the same way before and after them; one at a time,
+and in bursts sent at once to a real server whose rows are batched together (and whose small
+queue turns some away with 429).
 
 The app has no OpenAPI schema to hand schemathesis (it serves none), so the requests are built
 from the API's own field names with values of every type, plus raw bytes, odd paths and methods.
@@ -9,12 +11,15 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import serving
 from penwright import load
 from penwright.config import ServeConfig
 from penwright.serve import create_app
@@ -40,6 +45,11 @@ near_valid = st.fixed_dictionaries(
               "stream": st.booleans(), "stream_options": json_values, "top_k": small, "repetition_penalty": small,
               "label": texts | st.sampled_from(["horror", "comedy"]), "echo": st.booleans(),
               "messages": st.lists(st.fixed_dictionaries({"role": texts, "content": texts}) | json_values, max_size=3)})
+valid = st.fixed_dictionaries(  # requests the model writes, so that bursts fill the rows and the queue
+    {"model": st.just("tiny"), "prompt": texts, "max_tokens": st.integers(1, 4)},
+    optional={"stream": st.booleans(), "temperature": st.floats(0.1, 2.0), "seed": st.integers(0, 99),
+              "n": st.integers(1, 3), "top_k": st.integers(0, 9), "stop": st.lists(st.text(min_size=1, max_size=3),
+                                                                               max_size=2)}).map(json.dumps)
 bodies = ((near_valid | st.dictionaries(st.sampled_from(FIELDS), small | json_values, max_size=7)).map(json.dumps)
           .map(str.encode) | json_values.map(json.dumps).map(str.encode) | st.binary(max_size=200))
 headers = st.fixed_dictionaries({}, optional={
@@ -49,13 +59,18 @@ headers = st.fixed_dictionaries({}, optional={
 })
 
 
+def app_for(tiny_run, **limits):
+    """The tiny run served as `penwright serve` serves it (penwright's engine, int8), plain and with a chat template."""
+    writer = load(str(tiny_run), precision="fp32", device="cpu", log=lambda *_: None)
+    chatty = load(str(tiny_run), precision="fp32", device="cpu", log=lambda *_: None)
+    chatty.tokenizer.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+    cfg = ServeConfig(api_key=KEY, max_prompt_tokens=40, max_tokens_cap=4, max_body_bytes=2_000, timeout=20, **limits)
+    return create_app(cfg, {"tiny": writer, "chatty": chatty})
+
+
 @pytest.fixture(scope="module")
 def client(tiny_run):
-    writer = load(str(tiny_run), precision="fp32", device="cpu", log=lambda *_: None, engine="hf")  # as served
-    chatty = load(str(tiny_run), precision="fp32", device="cpu", log=lambda *_: None, engine="hf")
-    chatty.tokenizer.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
-    cfg = ServeConfig(api_key=KEY, max_prompt_tokens=40, max_tokens_cap=4, max_body_bytes=2_000, timeout=20)
-    with TestClient(create_app(cfg, {"tiny": writer, "chatty": chatty}), raise_server_exceptions=False) as client:
+    with TestClient(app_for(tiny_run), raise_server_exceptions=False) as client:
         yield client
 
 
@@ -84,3 +99,31 @@ def test_no_request_gets_a_server_error_and_nothing_changes(client):
     print(f"\nAPI fuzz: {sum(statuses.values())} requests, answers {dict(sorted(statuses.items()))}")
     assert statuses[200] and statuses[400] and statuses[401]  # it reached the models and the refusals
     assert fixed(client) == before
+
+
+def test_bursts_of_requests_at_once_get_no_server_error_and_nothing_changes(tiny_run):
+    """Eight made-up requests at a time, each on its own connection, against --max-batch 4 and --max-queue 2."""
+    statuses = Counter()
+    with serving(app_for(tiny_run, max_batch=4, max_queue=2)) as url, httpx.Client(base_url=url, timeout=30) as http, \
+            ThreadPoolExecutor(8) as pool:
+        before = fixed(http)
+
+        def send(body: bytes, stream_path: str) -> tuple[int, str]:
+            headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+            with httpx.stream("POST", f"{url}{stream_path}", content=body, headers=headers, timeout=30) as response:
+                return response.status_code, response.read().decode(errors="replace")
+
+        paths = st.sampled_from(["/v1/completions"] * 3 + ["/v1/chat/completions"])
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(burst=st.lists(st.tuples(valid.map(str.encode) | bodies, paths), min_size=8, max_size=8))
+        def burst(burst):
+            for (status, text), (body, path) in zip(pool.map(lambda r: send(*r), burst), burst):
+                assert status < 500, (path, body[:200], status, text[:300])
+                assert "server_error" not in text, (path, body[:200], text[:300])  # nor inside a stream
+                statuses[status] += 1
+
+        burst()
+        print(f"\nAPI fuzz in bursts: {sum(statuses.values())} requests, answers {dict(sorted(statuses.items()))}")
+        assert statuses[200] and statuses[400] and statuses[429]
+        assert fixed(http) == before

@@ -51,8 +51,14 @@ class SlowWriter(Writer):
 
 
 def writer_from(run, cls=Writer) -> Writer:
-    plain = load(str(run), precision="fp32", device="cpu", log=lambda *_: None, engine="hf")  # as the server loads it
+    """A writer on transformers' engine, which the server serves in batches and turns (worker.TurnWorker)."""
+    plain = load(str(run), precision="fp32", device="cpu", log=lambda *_: None, engine="hf")
     return cls(plain.model, plain.tokenizer, log=plain.log)
+
+
+def served(run) -> Writer:
+    """A writer as `penwright serve` loads the run: penwright's engine and int8 (continuous batching)."""
+    return load(str(run), precision="fp32", device="cpu", log=lambda *_: None)
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +68,10 @@ def slow(tiny_run):
 
 @pytest.fixture(scope="module")
 def url(tiny_run, slow):
-    chatty = writer_from(tiny_run)
+    chatty = served(tiny_run)
     chatty.tokenizer.chat_template = CHAT_TEMPLATE
-    cfg = ServeConfig(max_prompt_tokens=50, max_tokens_cap=64, max_body_bytes=20_000, max_batch=4)
-    app = create_app(cfg, {"tiny": writer_from(tiny_run), "chatty": chatty, "slow": slow})
+    cfg = ServeConfig(max_prompt_tokens=50, max_tokens_cap=60, max_body_bytes=20_000, max_batch=4)
+    app = create_app(cfg, {"tiny": served(tiny_run), "chatty": chatty, "slow": slow})
     with serving(app) as url:
         yield url
 
@@ -158,7 +164,7 @@ def test_chat_needs_a_chat_template(url):
     ({"repetition_penalty": 0}, 400, None, "repetition_penalty"),
     ({"stop": [""]}, 400, None, "stop strings must not be empty"),
     ({"max_tokens": "ten"}, 400, "max_tokens", "integer"),
-    ({"max_tokens": 65}, 400, "max_tokens", "--max-tokens-cap"),
+    ({"max_tokens": 61}, 400, "max_tokens", "--max-tokens-cap"),
     ({"label": "western"}, 400, "label", "unknown label"),
     ({"prompt": "word " * 60}, 400, "prompt", "at most 50"),
     ({"prompt": "x" * 30_000}, 413, None, "--max-body-bytes"),
