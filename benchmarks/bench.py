@@ -532,7 +532,7 @@ def greedy(writer, prompts: list[list[int]]) -> list[list[int]]:
 
     rows = [[] for _ in prompts]
     cfg = SampleConfig(max_new_tokens=64, greedy=True)
-    for step in writer._decode([[writer.tokenizer.eos_token_id] + p for p in prompts], cfg, writer._generator(0)):
+    for step in writer._decode([[writer.tokenizer.eos_token_id] + p for p in prompts], cfg, writer.generator(0)):
         for row, token in step.items():
             rows[row].append(token)
     return rows

@@ -133,6 +133,16 @@ def test_a_stop_string_across_tokens_ends_the_row_where_it_begins(batching):
     assert ask(url, {**body, "stop": stop, "stream": True}) == (200, reply["text"])
 
 
+def test_n_samples_of_a_prompt_prefill_it_once_and_sample_k_is_seed_plus_k(batching):
+    url, _, recorder = batching
+    body = {"model": "tiny", "prompt": "The ship", "max_tokens": 12, "seed": 7, "temperature": 0.9}
+    recorder.calls.clear()
+    texts = [c["text"] for c in complete(url, **body, n=3).json()["choices"]]
+    assert sum(tokens > 1 for _, tokens in recorder.calls) == 1  # one prefill for the three rows
+    assert len(set(texts)) == 3
+    assert [complete(url, **{**body, "seed": 7 + k}).json()["choices"][0]["text"] for k in range(3)] == texts
+
+
 def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(batching):
     url, worker, recorder = batching
     streaming = {"prompt": "The ship", "max_tokens": 50, "seed": 1, "stream": True}

@@ -142,7 +142,7 @@ def test_seeded_samples_repeat_and_labels_condition_through_the_light_tokenizer(
 
 def greedy_tokens(w, prompts: list[str], steps: int = 24) -> list[list[int]]:
     rows = [[] for _ in prompts]
-    for step in w._decode(encoded(w, prompts), SampleConfig(greedy=True, max_new_tokens=steps), w._generator(0)):
+    for step in w._decode(encoded(w, prompts), SampleConfig(greedy=True, max_new_tokens=steps), w.generator(0)):
         for row, token in step.items():
             rows[row].append(token)
     return rows

@@ -30,12 +30,12 @@ def test_stream_writes_the_same_text_as_batch(writer):
 
 def test_labels_condition_generation_and_unknown_label_is_refused(writer):
     assert set(writer.labels) == {"horror", "romance", "scifi", "fantasy", "mystery", "comedy"}
-    ids, _ = writer._prompt_ids("Hello", SampleConfig(label="horror"))
+    ids, _ = writer.prompt_ids("Hello", SampleConfig(label="horror"))
     assert [ids[1]] == writer.tokenizer.encode("<|genre=horror|>"), "one control token, never split"
     first = {}
     with torch.inference_mode():
         for g in ("horror", "comedy"):
-            first[g] = writer._stepper().first([writer._prompt_ids(None, SampleConfig(label=g))[0]], 1)[0]
+            first[g] = writer._stepper().first([writer.prompt_ids(None, SampleConfig(label=g))[0]], 1)[0]
     assert not torch.allclose(first["horror"], first["comedy"]), "the label changes what comes next"
     assert len(writer.generate(None, label="horror", seed=3, max_new_tokens=20)[0]) > 0
     with pytest.raises(PenwrightError, match="unknown label 'western'; this model knows: comedy, fantasy"):
@@ -46,7 +46,7 @@ def test_long_prompt_keeps_its_last_tokens_with_a_warning(tiny_run):
     warnings = []
     writer = load(str(tiny_run), precision="fp32", log=warnings.append)
     prompt = "word " * 400
-    ids, budget = writer._prompt_ids(prompt, SampleConfig(max_new_tokens=50))
+    ids, budget = writer.prompt_ids(prompt, SampleConfig(max_new_tokens=50))
     assert len(ids) + budget <= writer.context and budget == 50
     assert "keeping its last" in warnings[0]
     assert len(writer.generate(prompt, max_new_tokens=50, seed=1)) == 1

@@ -51,6 +51,7 @@ class Row:
     prefill: Iterator | None = None
     todo: int = 0  # prompt tokens not prefilled yet
     last: int | None = None  # the token the next decode step feeds
+    copies: list[Row] = field(default_factory=list)  # rows of the same prompt admitted with it: they fork its slot
 
     @property
     def job(self) -> Job:
@@ -119,8 +120,13 @@ class Batcher(Worker):
                 continue
             row = self.next.popleft()
             row.slot = self.cache.reserve()
-            row.prefill, row.todo = self.cache.prefill(row.slot, row.ids, self.chunk), len(row.ids)
             self.rows.append(row)
+            source = next((r for r in self.rows if r.prefill is not None and r.group is row.group and r.ids == row.ids),
+                          None)
+            if source is not None:  # n samples of one prompt: it is prefilled once
+                source.copies.append(row)
+            else:
+                row.prefill, row.todo = self.cache.prefill(row.slot, row.ids, self.chunk), len(row.ids)
 
     def _rows_of(self, job: Job) -> list[Row]:
         n, seed = job.cfg.num_samples, job.cfg.seed
@@ -150,7 +156,9 @@ class Batcher(Worker):
             spent, row.todo = spent + size, row.todo - size
             if logits is not None:  # the last chunk
                 row.prefill = None
-                self._take([row], logits[None])
+                for copy in row.copies:
+                    self.cache.fork(row.slot, copy.slot)
+                self._take([row, *row.copies], logits[None].expand(1 + len(row.copies), -1))
 
     def _decode(self) -> None:
         rows = [row for row in self.rows if row.last is not None]
