@@ -149,12 +149,16 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(batching):
     long = {"prompt": " ".join(["a"] * 45), "max_tokens": 4, "seed": 2}
     fed = 1 + len(worker.writer.tokenizer.encode(long["prompt"]))  # EOS, then the prompt
     recorder.calls.clear()
-    with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(ask, url, streaming)
-        assert wait_for(lambda: len(recorder.decodes()) > 0)
-        recorder.calls.clear()
-        second = pool.submit(ask, url, long)
-        assert first.result()[0] == second.result()[0] == 200
+    recorder.delay = 0.01  # the stream's 50 steps outlast the long request's arrival
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(ask, url, streaming)
+            assert wait_for(lambda: len(recorder.decodes()) > 0)
+            recorder.calls.clear()
+            second = pool.submit(ask, url, long)
+            assert first.result()[0] == second.result()[0] == 200
+    finally:
+        recorder.delay = 0.002
     chunks = [i for i, (rows, tokens) in enumerate(recorder.calls) if tokens > 1]
     assert [recorder.calls[i][1] for i in chunks] == [8] * (fed // 8) + [fed % 8] * (fed % 8 > 0)
     between = recorder.calls[chunks[0]:chunks[-1]]
