@@ -73,3 +73,43 @@ def test_int8_in_fp32_writes_nearly_the_greedy_tokens_of_fp32(smollm2, writers):
     pairs = [(int8.tokenizer.encode(a.text), int8.tokenizer.encode(b.text)) for a, b in zip(got, want)]
     same = sum(x == y for a, b in pairs for x, y in zip(a, b))
     assert same >= 0.75 * sum(len(b) for _, b in pairs)
+
+
+def test_the_server_batches_smollm2_chats_and_a_seeded_reply_keeps_its_text(smollm2, writers):
+    """`penwright serve` on the engine (int8): a greedy chat reply is the Writer's own, and a seeded one is the
+    same alone and beside three others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from conftest import serving
+    from penwright.config import ServeConfig
+    from penwright.serve import create_app, load_writers
+
+    cfg = ServeConfig(model=[f"smol={smollm2}"], precision="fp32", max_batch=4, prefill_chunk=16)
+    app = create_app(cfg, load_writers(cfg, **quiet))
+    assert type(app.state.server.workers["smol"]).__name__ == "Batcher"
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+
+    def chat(**body):
+        reply = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, "max_tokens": 16, **body},
+                           timeout=300)
+        assert reply.status_code == 200, reply.text
+        return reply.json()["choices"][0]["message"]["content"]
+
+    with serving(app) as url:
+        greedy = chat(temperature=0)
+        int8 = app.state.server.writers["smol"]
+        prompt = int8.render(messages)
+        assert greedy == int8.samples([prompt], SampleConfig(greedy=True, max_new_tokens=16))[0].text
+        settings = [dict(seed=4, temperature=0.8, top_p=0.9), dict(seed=5, temperature=1.0, top_k=40),
+                    dict(seed=6, temperature=1.2, repetition_penalty=1.2)]
+        seeded = [chat(**s) for s in settings]
+        others = [{"role": "user", "content": f"Tell me about the number {i}."} for i in range(3)]
+        with ThreadPoolExecutor(4) as pool:
+            busy = [pool.submit(lambda m: httpx.post(f"{url}/v1/chat/completions", json={
+                "messages": [m], "max_tokens": 24, "temperature": 1.0}, timeout=300).status_code, m) for m in others]
+            again = [pool.submit(chat, **s) for s in settings]
+            assert [f.result() for f in busy] == [200] * 3
+            got = [f.result() for f in again]
+            assert got == seeded

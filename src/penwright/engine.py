@@ -200,8 +200,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, layer:
         else:
             at = (step.rows[:, None], slice(None), step.positions)
             keys[at], values[at] = k.transpose(1, 2), v.transpose(1, 2)
-        k, v = keys[step.span, :, :step.keys], values[step.span, :, :step.keys]
         q = q.to(keys.dtype)
+        if step.start is None and q.size(2) == 1 and q.device.type == "cpu":
+            return each_row(q, keys, values, step, window).to(dtype)
+        k, v = keys[step.span, :, :step.keys], values[step.span, :, :step.keys]
         if step.scatter is not None:
             q = q.new_zeros((k.size(0), *q.shape[1:])).index_copy_(0, step.scatter, q)
     mask, causal = step.mask(window)
@@ -210,6 +212,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, layer:
     if step.scatter is not None:
         y = y[step.scatter]
     return y.to(dtype)
+
+
+def each_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: Step, window: int | None
+             ) -> torch.Tensor:
+    """A decode step of rows at different lengths, row by row over exactly each row's keys: the numbers
+    the row gets alone, whatever its company. (On CPU int8's kernel treats rows apart too, so a row's
+    text does not depend on what else is written; masked batch attention differs in the last bits,
+    which int8's bf16 inputs can turn into different samples.)"""
+    out = []
+    for i, (slot, position) in enumerate(zip(step.rows.tolist(), step.positions[:, 0].tolist())):
+        k, v = keys[slot:slot + 1, :, :position + 1], values[slot:slot + 1, :, :position + 1]
+        mask = None  # as `Step.mask` makes it for this row alone
+        if window is not None and window < position + 1:
+            mask = (position - torch.arange(position + 1, device=q.device) < window)[None, None, None, :]
+        out.append(F.scaled_dot_product_attention(q[i:i + 1], k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1)))
+    return torch.cat(out)
 
 
 # --- the cache and its primitives -------------------------------------------------------------
