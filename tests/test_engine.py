@@ -262,6 +262,23 @@ def test_rows_at_different_lengths_decode_together_as_they_would_alone(folders, 
             assert all((a - b).abs().max() < 1e-4 for a, b in zip(got[slot], want)), slot
 
 
+@pytest.mark.parametrize("name", ["gpt2", "mistral"])
+def test_with_int8_on_cpu_a_row_beside_others_gets_exactly_its_numbers_alone(folders, name):
+    """What lets `penwright serve` promise a seeded request the same text alone or beside others: rows at
+    different lengths (past Mistral's 6-token window too), decoded together, get bit-identical logits."""
+    model = load(str(folders[name]), precision="fp32", quantize="int8", engine="penwright", **quiet).model
+    prompts = [list(range(5, 19)), [3, 4], list(range(20, 27))]
+    follow = [[40 + 4 * row + i for i in range(4)] for row in range(3)]
+    cache = Cache(model, 3, 64)
+    with torch.inference_mode():
+        got = [[last(cache.prefill(cache.reserve(), p))] for p in prompts]
+        for step in range(4):
+            for row, logits in enumerate(cache.decode([0, 1, 2], torch.tensor([f[step] for f in follow]))):
+                got[row].append(logits)
+        for row in range(3):
+            assert all(torch.equal(a, b) for a, b in zip(got[row], alone(model, prompts[row], follow[row]))), row
+
+
 def test_a_full_cache_says_so_and_a_freed_slot_is_reused(folders):
     cache = Cache(writer(folders, "llama", "penwright").model, 2, 8)
     a, b = cache.reserve(), cache.reserve()

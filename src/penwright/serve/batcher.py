@@ -8,7 +8,8 @@ string or its length, or when its client leaves or runs out of time; its slot go
 
 Every row samples with its own settings and its own random generator (seeded: the request's seed
 plus the row's sample number), through the same `pick_tokens` as `penwright generate`, on its own
-logits: a seeded request writes the same text alone or beside others.
+logits, which on CPU with int8 are bit-identical to the row's logits alone (`engine.each_row`): a
+seeded request writes the same text alone or beside others. n samples of one prompt prefill it once.
 """
 
 from __future__ import annotations
