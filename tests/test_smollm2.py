@@ -65,14 +65,24 @@ def test_logits_and_greedy_text_match_transformers(writers):
     assert "Paris" in ours.samples(PROMPTS[:1], cfg)[0].text
 
 
-def test_int8_in_fp32_writes_nearly_the_greedy_tokens_of_fp32(smollm2, writers):
+def test_int8_in_fp32_picks_nearly_the_greedy_tokens_of_fp32(smollm2, writers):
+    """Along fp32's own greedy text, int8 (in fp32 compute) picks the same next token at nearly every
+    position. Teacher-forced, so one near-tie does not shift every token after it, as comparing two
+    free-running texts position by position would."""
     int8 = load(str(smollm2), precision="fp32", quantize="int8", **quiet)
     assert type(int8.model.layers[0].mlp.gate_up).__name__ == "Int8Linear"
-    cfg = SampleConfig(greedy=True, max_new_tokens=32, batch_size=3)
-    got, want = (w.samples(PROMPTS, cfg) for w in (int8, writers["auto"]))
-    pairs = [(int8.tokenizer.encode(a.text), int8.tokenizer.encode(b.text)) for a, b in zip(got, want)]
-    same = sum(x == y for a, b in pairs for x, y in zip(a, b))
-    assert same >= 0.75 * sum(len(b) for _, b in pairs)
+    fp32 = writers["auto"]
+    cfg = SampleConfig(greedy=True, max_new_tokens=32)
+    same = total = 0
+    for prompt, sample in zip(PROMPTS, fp32.samples(PROMPTS, cfg)):
+        ids = fp32.tokenizer.encode(prompt + sample.text, add_special_tokens=False)
+        start = len(fp32.tokenizer.encode(prompt, add_special_tokens=False)) - 1
+        with torch.inference_mode():
+            want, got = (w.model(torch.tensor([ids])).argmax(-1)[0, start:-1] for w in (fp32, int8))
+        same += int((want == got).sum())
+        total += len(want)
+    print(f"\nint8 picks fp32's next token at {same} of {total} positions")
+    assert total > 60 and same >= 0.9 * total, (same, total)
 
 
 def test_the_server_batches_smollm2_chats_and_a_seeded_reply_keeps_its_text(smollm2, writers):
