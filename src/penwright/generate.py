@@ -338,6 +338,10 @@ def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle:
     from .runs import check_finished, learned_context
 
     check_finished(spec)
+    if Path(spec).suffix.lower() == ".gguf":  # its converted HF folder (gguf_cache.py), which either engine reads
+        from .sources import resolve
+
+        spec = resolve(spec).path
     target = pick_device(device)
     dtype = pick_dtype(precision, target, log)
     int8 = quantize == "int8" and target.type == "cpu"

@@ -38,35 +38,15 @@ def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = 
     from transformers import AutoModelForCausalLM
 
     source = sources.resolve(spec)
-    if not source.is_hub and "gguf_file" not in source.kwargs:
+    if not source.is_hub:
         _check_weights(Path(source.path), allow_pickle)
-    safetensors_only = None if "gguf_file" in source.kwargs or allow_pickle else True
-    if "gguf_file" in source.kwargs:
-        source.kwargs["config"] = _gguf_config(source)
+    safetensors_only = None if allow_pickle else True
     try:
         model = sources.load_pretrained(AutoModelForCausalLM, source, dtype=dtype, use_safetensors=safetensors_only,
                                         trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     except ValueError as e:  # e.g. an architecture that is not a causal LM
         raise PenwrightError(f"{spec}: cannot load as a causal language model ({sources.first_line(e)})") from None
-    if "gguf_file" in source.kwargs:
-        # GGUF weights arrive de-quantized to `dtype`: a plain model, which may then be saved as one.
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
     return model
-
-
-def _gguf_config(source: sources.Source):
-    """The config transformers reads from a .gguf file, with GPT-2's context fixed.
-
-    transformers puts a GPT-2 file's context_length into `n_ctx`, which GPT2Config ignores, so every
-    GPT-2 got 1024 positions and one with another context (penwright's scratch models) failed to load.
-    """
-    from transformers import AutoConfig
-
-    config = sources.load_pretrained(AutoConfig, source)
-    if config.model_type == "gpt2" and isinstance(getattr(config, "n_ctx", None), int):
-        config.n_positions = config.n_ctx
-    return config
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:

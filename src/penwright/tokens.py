@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +38,7 @@ def control_token(column: str, value: str) -> str:
 
 
 def cache_root(cfg: PrepareConfig) -> Path:
-    root = cfg.cache_dir or os.environ.get("PENWRIGHT_CACHE") or Path.home() / ".cache" / "penwright"
-    return Path(root).expanduser() / "tokens"
+    return files.cache_home(cfg.cache_dir) / "tokens"
 
 
 # --- tokenizers -------------------------------------------------------------------------------
@@ -302,7 +300,7 @@ def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log)
     path.parent.mkdir(parents=True, exist_ok=True)
     files.remove_stale(path.parent, ".tmp-*", min_age=STALE_SECONDS)  # left by a prepare that was killed
     hint = "run the same command again"
-    with files.staged_dir(path, f"writing the token cache {path}", hint, publish=_publish_store) as tmp:
+    with files.staged_dir(path, f"writing the token cache {path}", hint, publish=files.first_wins) as tmp:
         for split, (tokens, mask, starts) in splits.items():
             tokens.astype(dtype).tofile(tmp / f"{split}.bin")
             for name, array in (("mask", mask), ("starts", starts)):
@@ -338,11 +336,3 @@ def encode_conversations(tokenizer, corpus: Corpus, cfg: PrepareConfig) -> tuple
     done = Corpus(kept["train"], kept["val"], corpus.files, corpus.labels, corpus.fingerprint, bad.seen)
     stats = {**done.stats(), "trained_tokens": int(splits["train"][1].sum()), "train_on": cfg.train_on}
     return splits, ({**stats, "unrendered_replies": unrendered} if unrendered else stats)
-
-
-def _publish_store(tmp: Path, path: Path) -> None:
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process finished the same store first
-        if not (path / "manifest.json").is_file():
-            raise
