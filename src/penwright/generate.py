@@ -21,9 +21,9 @@ from . import gpt2, llama
 from .config import SampleConfig
 from .engine import Model, Stepper, folder_problem, read_config
 from .errors import PenwrightError
+from .tokens import CONTROL
 from .words import plural
 
-CONTROL = re.compile(r"^<\|([^=|]+)=(.+)\|>$")
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 

@@ -31,10 +31,17 @@ FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
 CHUNK_CHARS = 1 << 16  # long texts are cut into chunks so every core can tokenize
 STALE_SECONDS = 60  # a temporary store this old whose process is gone was left by a killed prepare
+CONTROL = re.compile(r"^<\|([^=|]+)=(.+)\|>$")  # a control token: <|column=value|>
 
 
 def control_token(column: str, value: str) -> str:
     return f"<|{column}={value}|>"
+
+
+def label_words(token: str) -> str | None:
+    """The words of a control token's label (' horror' for <|genre=horror|>), or None for other tokens."""
+    match = CONTROL.match(token)
+    return " " + match[2].replace("_", " ") if match else None
 
 
 def cache_root(cfg: PrepareConfig) -> Path:

@@ -220,13 +220,13 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, resume_from: 
         model = scratch_model(cfg.preset, tokenizer)
     else:
         model = load_model(cfg.model, cfg.allow_pickle, cfg.trust_remote_code)
-    fit_tokenizer(model, tokenizer)
+    new_tokens = fit_tokenizer(model, tokenizer)
     fuse_gelu(model)
     if device.type == "cpu" and cfg.attention == "auto":
         use_cpu_attention(model)
     set_dropout(model, cfg.dropout, cfg.attention_dropout)
     if cfg.lora:
-        model = lora.attach(model, cfg.lora_spec, cfg.model, adapter=resume_from)
+        model = lora.attach(model, cfg.lora_spec, cfg.model, adapter=resume_from, new_tokens=new_tokens)
     return model
 
 
