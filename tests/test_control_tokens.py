@@ -119,3 +119,26 @@ def test_a_lora_run_with_labels_resumes_exactly(lora_labels_run, tmp_path, stori
 
     expected, got = losses(lora_labels_run), losses(run)
     assert all(abs(got[s] - expected[s]) < 1e-5 for s in (6, 8)), (got, expected)
+
+
+def test_training_windows_also_start_where_documents_start(stories_csv, stories_txt):
+    """Writing starts from [EOS, label]; so does part of training, or a pretrained model never learns to."""
+    from conftest import tiny_config
+    from penwright.batches import Blocks
+    from penwright.tokens import prepare
+
+    store = prepare(tiny_config(stories_csv, "unused", text_column="synopsis", label_column="genre"), **quiet)
+    tokens, eos = store.tokens("train"), store.manifest["eos_token_id"]
+    starts = store.document_starts("train", 64)
+    grid = (len(tokens) - 1) // 64
+    assert 0 < len(starts) <= grid and (tokens[starts] == eos).all() and (starts % 64 != 0).all()
+    assert starts.max() + 65 <= len(tokens)
+    blocks = Blocks(tokens, None, 64, 4, seed=0, starts=starts)
+    assert blocks.windows == grid + len(starts)
+    labels = set(store.tokenizer().convert_tokens_to_ids([f"<|genre={g}|>" for g in GENRES]))
+    firsts = [blocks.get(i)[0][:, :2] for i in range(blocks.per_epoch)]
+    from_documents = [row.tolist() for batch in firsts for row in batch if row[0] == eos]
+    assert len(from_documents) >= len(starts) * 0.9 and all(label in labels for _, label in from_documents)
+
+    book = prepare(tiny_config(stories_txt, "unused"), **quiet)  # one document: nothing to add
+    assert len(book.document_starts("train", 64)) == 0

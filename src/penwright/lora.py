@@ -64,6 +64,11 @@ def attach(model, spec: LoraSpec, base: str, adapter: Path | None = None, new_to
     return model
 
 
+def new_token_rows(model) -> list:
+    """The trainable embedding rows of the new tokens (peft's trainable tokens), in a LoRA model."""
+    return [p for name, p in model.named_parameters() if "trainable_tokens_delta" in name and p.requires_grad]
+
+
 def merged(path, tokenizer, dtype=None, allow_pickle: bool = False):
     """The plain HF model of a LoRA run: its base model with the adapter folded into the weights."""
     import torch

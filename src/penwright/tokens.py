@@ -246,6 +246,21 @@ class TokenStore:
             return np.zeros(0, dtype)
         return np.memmap(self.path / name, dtype=dtype, mode="r", shape=(count,))
 
+    def document_starts(self, split: str, block_size: int) -> np.ndarray:
+        """Where documents begin (the EOS before each) with a block of text after them, off the grid of
+        block starts, at most one per `block_size` tokens, spread evenly.
+
+        Training windows from there see a document begin as writing does: EOS and its label at the
+        first positions. Windows off the grid alone would almost never start so, and a pretrained
+        model that saw each label only after a previous document's text writes nonsense from
+        [EOS, label] alone.
+        """
+        tokens = self.tokens(split)
+        starts = np.flatnonzero(tokens[:max(0, len(tokens) - block_size - 1)] == self.manifest["eos_token_id"])
+        starts = starts[starts % block_size != 0]  # those on the grid have their window already
+        most = (len(tokens) - 1) // block_size
+        return starts[np.linspace(0, len(starts) - 1, most).astype(int)] if len(starts) > most else starts
+
     def tokenizer(self):
         from transformers import AutoTokenizer
 
