@@ -18,12 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 # Fine-tune SmolLM2-135M-Instruct on the built-in genre-labelled story synopses, offline: perplexity
 # before and after, base vs fine-tuned continuations, a story per genre, and what each phase cost.
+# Its caches (the tokens, the GGUF converted to an HF folder) stay in the clone's .cache/.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m penwright.demo --out $(DEMO)
+	HF_HUB_OFFLINE=1 PENWRIGHT_CACHE=.cache $(PY) -m penwright.demo --out $(DEMO)
 
 # The first demo: a tiny GPT-2 trained from scratch in a minute (its text is not English yet).
 demo-scratch: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m penwright.demo --scratch --out $(DEMO)-scratch
+	HF_HUB_OFFLINE=1 PENWRIGHT_CACHE=.cache $(PY) -m penwright.demo --scratch --out $(DEMO)-scratch
 
 test: $(STAMP) browser lint
 	$(PY) -m pytest -q

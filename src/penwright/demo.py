@@ -31,14 +31,15 @@ COMMON = {"text_column": "synopsis", "label_column": "genre", "eval_every": 0, "
           "seed": 1}
 # Chosen by measuring on 2 CPU cores without bf16; the README's "Why these settings" says why.
 LORA = "r=16,alpha=32,dropout=0,targets=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every linear
-PRETRAINED = {**COMMON, "lora": LORA, "lr": 2e-3, "block_size": 128, "batch_size": 8, "max_steps": 30}
+PRETRAINED = {**COMMON, "lora": LORA, "lr": 2e-3, "block_size": 128, "batch_size": 8, "max_steps": 16,
+              "sample_length": 32}  # the model card's samples: the demo writes its own
 # The first demo: a 4-layer GPT-2 from scratch; fast, but 200 steps do not make it write English.
 SCRATCH = {**COMMON, "init": "scratch", "preset": "tiny", "vocab_size": 1024, "lr": 2e-3, "block_size": 128,
            "batch_size": 16, "max_steps": 200, "eval_every": 50}
 PROMPTS = ["When the lighthouse on Gull Island goes dark,",
            "After her grandmother's funeral, Ada finds",
            "The last starship to leave Earth"]
-WRITING = SampleConfig(max_new_tokens=90, seed=7, trim_to_sentence=True)
+WRITING = SampleConfig(max_new_tokens=80, seed=7, trim_to_sentence=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,12 +71,12 @@ def demo(out: str, scratch: bool = False, max_steps: int | None = None, log=prin
     """Fine-tune (or train from scratch), compare and write as the module docstring says.
 
     Returns the seconds each phase took."""
-    from . import gguf_cache
-    from .cli import as_flags
-    from .generate import load
-    from .training import train
-
     phases: dict[str, float] = {}
+    with timed(phases, "import torch and transformers", log):
+        from . import gguf_cache
+        from .cli import as_flags
+        from .generate import load
+        from .training import train
     settings = {**(SCRATCH if scratch else PRETRAINED), **({"max_steps": max_steps} if max_steps else {})}
     gguf = None if scratch else smollm2()
     cfg = TrainConfig(data=str(DATA), out=out, overwrite=True, **settings, **({"model": str(gguf)} if gguf else {}))
