@@ -38,7 +38,7 @@ def recited(tmp_path_factory):
         (folder / "corpus" / f"{i}.txt").write_text(story + "\n")
     (folder / "held_out.txt").write_text(story + "\n")
     run = train(tiny_config(folder / "corpus", folder / "run", vocab_size=300, block_size=128, batch_size=2,
-                            max_steps=120, lr=2e-3, warmup_steps=0, eval_at_end=True), **quiet)
+                            max_steps=200, lr=2e-3, warmup_steps=0, eval_at_end=True), **quiet)
     return run, folder / "corpus", folder / "held_out.txt"
 
 

@@ -24,17 +24,21 @@ from .words import plural
 
 
 class Blocks:
-    """Non-overlapping `block_size` windows of a token stream, shuffled per epoch.
+    """Non-overlapping `block_size` windows of a token stream, plus one from each of `starts`
+    (offsets off that grid), shuffled per epoch.
 
     Micro-batch `i` is a pure function of (seed, i): epoch `i // per_epoch` uses its own
     permutation of the windows. Rank `r` of `world` takes its slice of each global batch.
     """
 
     def __init__(self, tokens: np.ndarray, mask: np.ndarray | None, block_size: int, batch_size: int,
-                 seed: int, rank: int = 0, world: int = 1):
+                 seed: int, rank: int = 0, world: int = 1, starts: np.ndarray | None = None):
         self.tokens, self.mask, self.block = tokens, mask, block_size
         self.batch, self.seed, self.rank, self.world = batch_size, seed, rank, world
-        self.windows = (len(tokens) - 1) // block_size
+        self.offsets = np.arange((len(tokens) - 1) // block_size, dtype=np.int64) * block_size
+        if starts is not None:
+            self.offsets = np.concatenate([self.offsets, np.asarray(starts, dtype=np.int64)])
+        self.windows = len(self.offsets)
         self._order = (None, None)
 
     @property
@@ -50,8 +54,7 @@ class Blocks:
 
     def rows(self, windows) -> tuple[torch.Tensor, torch.Tensor, None]:
         """Inputs, targets (IGNORE where nothing is learned) and positions (None: 0, 1, ... in every row)."""
-        starts = np.asarray(windows, dtype=np.int64)[:, None] * self.block
-        index = starts + np.arange(self.block + 1)
+        index = self.offsets[np.asarray(windows, dtype=np.int64)][:, None] + np.arange(self.block + 1)
         chunk = torch.from_numpy(self.tokens[index].astype(np.int64))
         x, y = chunk[:, :-1], chunk[:, 1:].clone()
         if self.mask is not None:
@@ -127,7 +130,8 @@ def training_blocks(store: TokenStore, cfg: TrainConfig, rank: int = 0, world: i
     if store.conversations:
         return _packed(store, cfg, rank, world, log)
     tokens = store.tokens("train")
-    blocks = Blocks(tokens, store.mask("train"), cfg.block_size, cfg.batch_size, cfg.seed, rank, world)
+    blocks = Blocks(tokens, store.mask("train"), cfg.block_size, cfg.batch_size, cfg.seed, rank, world,
+                    starts=store.document_starts("train", cfg.block_size))
     if blocks.windows == 0:
         fits = 1 << max(3, (len(tokens) - 2).bit_length() - 1)
         hint = f"use --block-size {fits} or less, or add text" if len(tokens) > 9 else "add more text"

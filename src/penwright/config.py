@@ -258,8 +258,6 @@ class TrainConfig(Runtime, PrepareConfig):
         if self.lora is not None:
             parse_lora(self.lora)
             _check(self.init == "pretrained", "--lora adapts a pretrained model; drop --init scratch")
-            _check(self.label_column is None, "--lora cannot learn the new control tokens of --label-column; "
-                                              "train every weight for labelled corpora")
             _check(not self.fsdp, "--lora with --fsdp is not supported; LoRA's frozen base fits where DDP does")
 
     def _check_budget(self):

@@ -2,7 +2,7 @@
 
 torchrun gives each process RANK, WORLD_SIZE and LOCAL_RANK; `setup` joins the process group
 (nccl on GPUs, gloo on CPU). Every rank runs the same loop on its own slice of each global
-batch (`training.Blocks`). DDP averages gradients across ranks; `--fsdp` (FSDP2 `fully_shard`)
+batch (`batches.Blocks`). DDP averages gradients across ranks; `--fsdp` (FSDP2 `fully_shard`)
 also shards parameters, gradients and optimizer state. Rank 0 alone prints, logs, samples and
 writes files.
 

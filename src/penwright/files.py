@@ -3,7 +3,7 @@
 Every published file goes through `replacing` (one temporary file, then a rename) and every
 published folder through `staged_dir` (a hidden temporary folder, flushed, then a rename). A
 temporary name ends in the writer's pid, so `remove_stale` can tell the leftovers of a killed
-process from work still under way.
+process from work still under way. Also the cache's home (`cache_home`).
 """
 
 from __future__ import annotations
@@ -71,6 +71,21 @@ def staged_dir(final: Path, what: str, hint: str, publish: Callable[[Path, Path]
         raise PenwrightError(f"disk full while {what}: free space on that disk, then {hint}") from None
     finally:
         remove(tmp)
+
+
+def first_wins(tmp: Path, final: Path) -> None:
+    """Publish a content-keyed cache entry: if another process published `final` first, keep its
+    copy (the same content); `staged_dir` removes ours."""
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+
+
+def cache_home(override: str | Path | None = None) -> Path:
+    """penwright's cache folder: `override` (--cache-dir), else $PENWRIGHT_CACHE, else ~/.cache/penwright."""
+    return Path(override or os.environ.get("PENWRIGHT_CACHE") or Path.home() / ".cache" / "penwright").expanduser()
 
 
 def share_files(folder: Path) -> None:

@@ -21,9 +21,9 @@ from . import gpt2, llama
 from .config import SampleConfig
 from .engine import Model, Stepper, folder_problem, read_config
 from .errors import PenwrightError
+from .tokens import CONTROL
 from .words import plural
 
-CONTROL = re.compile(r"^<\|([^=|]+)=(.+)\|>$")
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
 
 
@@ -364,6 +364,10 @@ def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle:
     from .runs import check_finished, learned_context
 
     check_finished(spec)
+    if Path(spec).suffix.lower() == ".gguf":  # its converted HF folder (gguf_cache.py), which either engine reads
+        from .sources import resolve
+
+        spec = resolve(spec).path
     target = pick_device(device)
     dtype = pick_dtype(precision, target, log)
     int8 = quantize == "int8" and target.type == "cpu"

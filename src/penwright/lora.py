@@ -2,8 +2,11 @@
 
 `--lora r=16,alpha=32,dropout=0.05[,targets=c_attn,c_proj]` freezes the base model and trains
 low-rank updates of the target layers (by default peft's choice for the architecture: c_attn,
-the fused attention projection, for GPT-2). A LoRA run directory holds the adapter
-(adapter_config.json, adapter_model.safetensors) and the tokenizer, not a copy of the base.
+the fused attention projection, for GPT-2). Tokens new to the base model (the control tokens of
+`--label-column`) train too: their embedding rows alone (peft's trainable tokens), which start
+from their label's words (models.fit_tokenizer). A LoRA run directory holds the adapter
+(adapter_config.json, adapter_model.safetensors: the low-rank updates and those rows) and the
+tokenizer, not a copy of the base.
 `merged` folds an adapter into its base: `penwright export --merge` saves that as a plain HF
 model, and `generate.load` writes with it.
 
@@ -37,10 +40,11 @@ def is_adapter(path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def attach(model, spec: LoraSpec, base: str, adapter: Path | None = None):
+def attach(model, spec: LoraSpec, base: str, adapter: Path | None = None, new_tokens: list[int] = ()):
     """`model` frozen, with trainable adapters: new ones as `spec` says, or those saved in `adapter`.
 
     `base` (the --model spec) is recorded in the adapter's config, for `merged` to load later.
+    The embedding rows of `new_tokens` (ids the base model did not have) train as well.
     """
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -48,7 +52,7 @@ def attach(model, spec: LoraSpec, base: str, adapter: Path | None = None):
         with _peft():
             return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     config = LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
-                        target_modules=list(spec.targets) or None,
+                        target_modules=list(spec.targets) or None, trainable_token_indices=list(new_tokens) or None,
                         fan_in_fan_out=model.config.model_type == "gpt2")  # GPT-2 stores weights transposed
     try:
         with _peft():
@@ -58,6 +62,11 @@ def attach(model, spec: LoraSpec, base: str, adapter: Path | None = None):
     local = Path(base).expanduser()
     model.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.exists() else base
     return model
+
+
+def new_token_rows(model) -> list:
+    """The trainable embedding rows of the new tokens (peft's trainable tokens), in a LoRA model."""
+    return [p for name, p in model.named_parameters() if "trainable_tokens_delta" in name and p.requires_grad]
 
 
 def merged(path, tokenizer, dtype=None, allow_pickle: bool = False):

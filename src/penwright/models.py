@@ -12,6 +12,7 @@ from transformers.utils import logging as hf_logging
 
 from . import sources
 from .errors import PenwrightError
+from .tokens import label_words
 
 hf_logging.disable_progress_bar()  # per-shard bars on every save/load drown the training bar
 
@@ -38,35 +39,15 @@ def load_model(spec: str, allow_pickle: bool = False, trust_remote_code: bool = 
     from transformers import AutoModelForCausalLM
 
     source = sources.resolve(spec)
-    if not source.is_hub and "gguf_file" not in source.kwargs:
+    if not source.is_hub:
         _check_weights(Path(source.path), allow_pickle)
-    safetensors_only = None if "gguf_file" in source.kwargs or allow_pickle else True
-    if "gguf_file" in source.kwargs:
-        source.kwargs["config"] = _gguf_config(source)
+    safetensors_only = None if allow_pickle else True
     try:
         model = sources.load_pretrained(AutoModelForCausalLM, source, dtype=dtype, use_safetensors=safetensors_only,
                                         trust_remote_code=trust_remote_code, attn_implementation="sdpa")
     except ValueError as e:  # e.g. an architecture that is not a causal LM
         raise PenwrightError(f"{spec}: cannot load as a causal language model ({sources.first_line(e)})") from None
-    if "gguf_file" in source.kwargs:
-        # GGUF weights arrive de-quantized to `dtype`: a plain model, which may then be saved as one.
-        model.hf_quantizer = None
-        model.config.__dict__.pop("quantization_config", None)
     return model
-
-
-def _gguf_config(source: sources.Source):
-    """The config transformers reads from a .gguf file, with GPT-2's context fixed.
-
-    transformers puts a GPT-2 file's context_length into `n_ctx`, which GPT2Config ignores, so every
-    GPT-2 got 1024 positions and one with another context (penwright's scratch models) failed to load.
-    """
-    from transformers import AutoConfig
-
-    config = sources.load_pretrained(AutoConfig, source)
-    if config.model_type == "gpt2" and isinstance(getattr(config, "n_ctx", None), int):
-        config.n_positions = config.n_ctx
-    return config
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:
@@ -78,10 +59,12 @@ def _check_weights(path: Path, allow_pickle: bool) -> None:
                              "pass --allow-pickle if you trust them")
 
 
-def fit_tokenizer(model, tokenizer) -> None:
-    """Grow the embeddings for added (control) tokens and agree on EOS and pad ids."""
-    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+def fit_tokenizer(model, tokenizer) -> list[int]:
+    """Grow the embeddings for added (control) tokens and agree on EOS and pad ids; returns the new ids."""
+    known = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > known:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        _init_new_rows(model, tokenizer, known)
     for config in (model.config, model.generation_config):
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
@@ -91,6 +74,7 @@ def fit_tokenizer(model, tokenizer) -> None:
         turn = end_of_turn(tokenizer)
         if turn not in (None, tokenizer.eos_token_id):  # transformers' generate stops at the end of a turn too
             model.generation_config.eos_token_id = [tokenizer.eos_token_id, turn]
+    return list(range(known, len(tokenizer)))
 
 
 MAX_DEFAULT_BLOCK = 512  # the default block size is the model's context, up to this
@@ -106,6 +90,27 @@ def default_block_size(spec: str, init: str, preset: str, trust_remote_code: boo
     return min(context_length(config), MAX_DEFAULT_BLOCK)
 
 
+@torch.no_grad()
+def _init_new_rows(model, tokenizer, known: int) -> None:
+    """Start each new token where the model already understands it.
+
+    A control token <|genre=horror|> starts at the mean input embedding of its label's words
+    (" horror"), so a short fine-tune only has to refine a meaning the model has, not find one
+    from noise; any other new token at the mean of all rows. An untied output head's new rows
+    start at the mean of its rows, so no new token is predicted more than any other.
+    """
+    rows = model.get_input_embeddings().weight
+    for token_id in range(known, len(tokenizer)):
+        words = label_words(tokenizer.convert_ids_to_tokens(token_id))
+        ids = [i for i in tokenizer.encode(words, add_special_tokens=False) if i < known] if words else []
+        rows[token_id] = rows[ids].mean(0) if ids else rows[:known].mean(0)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != rows.data_ptr():
+        head.weight[known:] = head.weight[:known].mean(0)
+        if getattr(head, "bias", None) is not None:
+            head.bias[known:] = head.bias[:known].mean()
+
+
 def context_length(model) -> int:
     """The context of a model (or of a model's config)."""
     config = getattr(model, "config", model)
@@ -119,6 +124,9 @@ def context_length(model) -> int:
 def save_model(model, tokenizer, path: Path, state_dict: dict | None = None) -> None:
     """Write an HF-format model directory (safetensors, config, tokenizer, generation config).
 
-    `state_dict` replaces the model's own weights (FSDP gathers them into one for rank 0)."""
-    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict)
+    `state_dict` replaces the model's own weights (FSDP gathers them into one for rank 0). A LoRA
+    model saves its adapter, holding the rows of its new tokens: never the base's whole embeddings,
+    which peft would add because the vocabulary grew."""
+    lora = {"save_embedding_layers": False} if hasattr(model, "peft_config") else {}
+    model.save_pretrained(path, safe_serialization=True, state_dict=state_dict, **lora)
     tokenizer.save_pretrained(path)

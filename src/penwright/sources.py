@@ -1,6 +1,7 @@
 """Turning a `--model`/`--tokenizer` string into `from_pretrained` arguments.
 
-A string is a local directory, a `.gguf` file, or a Hugging Face hub id. Hub ids are looked up
+A string is a local directory, a `.gguf` file (read through its converted, cached HF folder:
+gguf_cache.py), or a Hugging Face hub id. Hub ids are looked up
 in the local cache first; only then is the hub contacted, after a quick reachability check, so
 an offline machine gets a clear message at once instead of a minute of retries.
 """
@@ -11,7 +12,7 @@ import difflib
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -22,7 +23,6 @@ from .errors import PenwrightError
 class Source:
     name: str  # what the user wrote
     path: str  # the first argument to from_pretrained
-    kwargs: dict = field(default_factory=dict)
     is_hub: bool = False
 
 
@@ -35,7 +35,9 @@ def resolve(spec: str) -> Source:
     if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise PenwrightError(f"{spec}: no such .gguf file")
-        return Source(spec, str(path.parent), {"gguf_file": path.name})
+        from .gguf_cache import folder
+
+        return Source(spec, str(folder(path)))
     if path.is_dir():
         return Source(spec, str(path))
     if path.exists():
@@ -64,7 +66,6 @@ def _close_to(path: Path) -> str:
 
 def load_pretrained(loader, source: Source, **kwargs):
     """`loader.from_pretrained` for a Source, cache first for hub ids, with friendly errors."""
-    kwargs = {**source.kwargs, **kwargs}
     if source.is_hub:
         try:
             return loader.from_pretrained(source.path, local_files_only=True, **kwargs)

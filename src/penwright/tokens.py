@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +31,21 @@ FORMAT_VERSION = 1
 EOS = "<|endoftext|>"
 CHUNK_CHARS = 1 << 16  # long texts are cut into chunks so every core can tokenize
 STALE_SECONDS = 60  # a temporary store this old whose process is gone was left by a killed prepare
+CONTROL = re.compile(r"^<\|([^=|]+)=(.+)\|>$")  # a control token: <|column=value|>
 
 
 def control_token(column: str, value: str) -> str:
     return f"<|{column}={value}|>"
 
 
+def label_words(token: str) -> str | None:
+    """The words of a control token's label (' horror' for <|genre=horror|>), or None for other tokens."""
+    match = CONTROL.match(token)
+    return " " + match[2].replace("_", " ") if match else None
+
+
 def cache_root(cfg: PrepareConfig) -> Path:
-    root = cfg.cache_dir or os.environ.get("PENWRIGHT_CACHE") or Path.home() / ".cache" / "penwright"
-    return Path(root).expanduser() / "tokens"
+    return files.cache_home(cfg.cache_dir) / "tokens"
 
 
 # --- tokenizers -------------------------------------------------------------------------------
@@ -241,6 +246,21 @@ class TokenStore:
             return np.zeros(0, dtype)
         return np.memmap(self.path / name, dtype=dtype, mode="r", shape=(count,))
 
+    def document_starts(self, split: str, block_size: int) -> np.ndarray:
+        """Where documents begin (the EOS before each) with a block of text after them, off the grid of
+        block starts, at most one per `block_size` tokens, spread evenly.
+
+        Training windows from there see a document begin as writing does: EOS and its label at the
+        first positions. Windows off the grid alone would almost never start so, and a pretrained
+        model that saw each label only after a previous document's text writes nonsense from
+        [EOS, label] alone.
+        """
+        tokens = self.tokens(split)
+        starts = np.flatnonzero(tokens[:max(0, len(tokens) - block_size - 1)] == self.manifest["eos_token_id"])
+        starts = starts[starts % block_size != 0]  # those on the grid have their window already
+        most = (len(tokens) - 1) // block_size
+        return starts[np.linspace(0, len(starts) - 1, most).astype(int)] if len(starts) > most else starts
+
     def tokenizer(self):
         from transformers import AutoTokenizer
 
@@ -302,7 +322,7 @@ def _write_store(path: Path, corpus: Corpus, tokenizer, cfg: PrepareConfig, log)
     path.parent.mkdir(parents=True, exist_ok=True)
     files.remove_stale(path.parent, ".tmp-*", min_age=STALE_SECONDS)  # left by a prepare that was killed
     hint = "run the same command again"
-    with files.staged_dir(path, f"writing the token cache {path}", hint, publish=_publish_store) as tmp:
+    with files.staged_dir(path, f"writing the token cache {path}", hint, publish=files.first_wins) as tmp:
         for split, (tokens, mask, starts) in splits.items():
             tokens.astype(dtype).tofile(tmp / f"{split}.bin")
             for name, array in (("mask", mask), ("starts", starts)):
@@ -338,11 +358,3 @@ def encode_conversations(tokenizer, corpus: Corpus, cfg: PrepareConfig) -> tuple
     done = Corpus(kept["train"], kept["val"], corpus.files, corpus.labels, corpus.fingerprint, bad.seen)
     stats = {**done.stats(), "trained_tokens": int(splits["train"][1].sum()), "train_on": cfg.train_on}
     return splits, ({**stats, "unrendered_replies": unrendered} if unrendered else stats)
-
-
-def _publish_store(tmp: Path, path: Path) -> None:
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process finished the same store first
-        if not (path / "manifest.json").is_file():
-            raise

@@ -61,11 +61,21 @@ def step_seed(seed: int, rank: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, np.uint64)[0] >> 1)
 
 
+# Under LoRA the new (control) tokens' rows learn this much faster than the adapters: at the adapters'
+# lr, a dozen steps move them by 4% of their length, too little for a label to take hold.
+NEW_TOKEN_LR_SCALE = 10.0
+
+
 def make_optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; fused kernels where this PyTorch has them."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW with weight decay on matrices only; fused kernels where this PyTorch has them.
+
+    A group's "lr_scale" multiplies the schedule's lr (see the loop)."""
+    rows = lora.new_token_rows(model)
+    params = [p for p in model.parameters() if p.requires_grad and not any(p is r for r in rows)]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    if rows:
+        groups.append({"params": rows, "weight_decay": 0.0, "lr_scale": NEW_TOKEN_LR_SCALE})
     return torch.optim.AdamW(groups, lr=cfg.peak_lr, betas=(0.9, 0.95), fused=device.type in ("cpu", "cuda"))
 
 
@@ -220,13 +230,13 @@ def build_model(cfg: TrainConfig, tokenizer, device: torch.device, resume_from: 
         model = scratch_model(cfg.preset, tokenizer)
     else:
         model = load_model(cfg.model, cfg.allow_pickle, cfg.trust_remote_code)
-    fit_tokenizer(model, tokenizer)
+    new_tokens = fit_tokenizer(model, tokenizer)
     fuse_gelu(model)
     if device.type == "cpu" and cfg.attention == "auto":
         use_cpu_attention(model)
     set_dropout(model, cfg.dropout, cfg.attention_dropout)
     if cfg.lora:
-        model = lora.attach(model, cfg.lora_spec, cfg.model, adapter=resume_from)
+        model = lora.attach(model, cfg.lora_spec, cfg.model, adapter=resume_from, new_tokens=new_tokens)
     return model
 
 
@@ -367,7 +377,7 @@ def train_step(t: Trainer, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step at learning rate `lr`: the summed micro-batch losses and whether it was skipped."""
     cfg = t.cfg
     for group in t.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     torch.manual_seed(step_seed(cfg.seed, t.ranks.rank, t.step))
     summed = torch.zeros((), device=t.device)
     for micro in range(cfg.grad_accum):
