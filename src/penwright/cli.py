@@ -10,7 +10,6 @@ import argparse
 import difflib
 import json
 import os
-import select
 import shlex
 import signal
 import sys
@@ -250,45 +249,6 @@ def _stream(writer, prompt: str | None, sampling, stop=None):
     return None
 
 
-class _PipedInput:
-    """`input()` for lines piped in (a script, a test) that Ctrl+C always interrupts. The kernel may hand a
-    signal to any thread (torch's worker threads), and then a read() in the main thread sleeps on: here
-    select() also wakes on the byte the signal writes into `signal.set_wakeup_fd`'s pipe, and the
-    signal's handler runs at the next bytecode."""
-
-    def __init__(self, fd: int):
-        self.fd, self.buffer = fd, b""
-        self.wake, alarm = os.pipe()
-        os.set_blocking(alarm, False)
-        signal.set_wakeup_fd(alarm, warn_on_full_buffer=False)
-
-    @classmethod
-    def for_stdin(cls) -> _PipedInput | None:
-        """One for a stdin that is a pipe or file; None for a terminal (readline's input()) or a stand-in."""
-        try:
-            fd = sys.stdin.fileno()
-            return None if os.isatty(fd) else cls(fd)
-        except (AttributeError, OSError, ValueError):  # pytest's captured stdin; not the main thread
-            return None
-
-    def __call__(self, prompt: str) -> str:
-        sys.stdout.write(prompt)
-        sys.stdout.flush()
-        while b"\n" not in self.buffer:
-            ready = select.select([self.fd, self.wake], [], [])[0]
-            if self.wake in ready:
-                os.read(self.wake, 4096)
-            if self.fd in ready:
-                chunk = os.read(self.fd, 65536)
-                if not chunk and not self.buffer:
-                    raise EOFError
-                if not chunk:
-                    break
-                self.buffer += chunk
-        line, _, self.buffer = self.buffer.partition(b"\n")
-        return line.decode(errors="replace")
-
-
 def _typed(prompt: str, hint: str, ctrl_c: str | None = None):
     """Non-empty lines typed at `prompt` (with line editing where readline exists) until Ctrl+D. `hint`
     goes to stderr first; with `ctrl_c`, Ctrl+C at the prompt says that instead of quitting."""
@@ -296,11 +256,10 @@ def _typed(prompt: str, hint: str, ctrl_c: str | None = None):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    read = _PipedInput.for_stdin() or input
     print(hint, file=sys.stderr)
     while True:
         try:
-            line = read(prompt)
+            line = input(prompt)
         except EOFError:
             print(file=sys.stderr)
             return
