@@ -164,9 +164,12 @@ def test_ctrl_c_in_interactive_stops_the_writing_and_at_the_prompt_quits(tiny_ru
     import time
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    # A job a non-interactive shell started with `&` (CI scripts do) inherits SIGINT ignored, and so would
+    # this child: give it the default disposition a terminal's foreground process has.
     proc = subprocess.Popen([sys.executable, "-m", "penwright", "interactive", "--model", str(tiny_run),
                              "--num-samples", "100000", "--max-new-tokens", "8"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, said = [], []  # both pipes are drained as they fill, so the child never blocks on a write
     readers = [threading.Thread(target=lambda: seen.extend(iter(lambda: proc.stdout.read(1), "")), daemon=True),
                threading.Thread(target=lambda: said.extend(iter(proc.stderr.readline, "")), daemon=True)]
