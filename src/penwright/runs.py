@@ -350,7 +350,7 @@ def plot_losses(runs: dict[str, list[dict]], path: Path) -> Path:
 def this_process() -> dict:
     """Who is training a run, recorded in penwright.json: where (`penwright runs` asks this machine's lock, or
     another's metrics) and from which folder (its continue command)."""
-    return {"pid": os.getpid(), "host": socket.gethostname(), "cwd": os.getcwd()}
+    return {"host": socket.gethostname(), "cwd": os.getcwd()}
 
 
 def find_runs(root: Path) -> list[Path]:
