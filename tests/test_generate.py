@@ -5,7 +5,7 @@ import torch
 
 from penwright import PenwrightError, load
 from penwright.config import SampleConfig
-from penwright.generate import finish, pick_tokens
+from penwright.generate import draw, finish, nucleus, pick_tokens
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,26 @@ def test_pick_tokens_settings():
     assert {a for a, _ in picks} == {1, 2} and {b for _, b in picks} == {0, 3}
     penalised = pick_tokens(logits, SampleConfig(greedy=True, repetition_penalty=10.0), g, torch.tensor([[1]]))
     assert penalised.item() == 2
+
+
+@pytest.mark.parametrize("spread", [0.05, 1.0, 6.0])  # untrained-flat, broad, peaked (a trained model's)
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.99])
+def test_nucleus_keeps_the_set_a_full_sort_keeps(spread, top_p):
+    logits = torch.randn(3, 50257, generator=torch.Generator().manual_seed(7)) * spread
+    ordered, order = logits.sort(descending=True)
+    probs = ordered.softmax(-1)
+    wanted = [set(row[keep].tolist()) for row, keep in zip(order, probs.cumsum(-1) - probs <= top_p)]
+    kept, ids = nucleus(logits, None, top_p)
+    ids = torch.arange(logits.size(-1)).expand_as(kept) if ids is None else ids
+    got = [set(row[keep].tolist()) for row, keep in zip(ids, kept > float("-inf"))]
+    for want, have in zip(wanted, got):  # the same set, but for float rounding at its edge
+        assert len(want ^ have) <= max(1, len(want) // 10_000), (len(want), len(have))
+
+
+def test_draw_samples_in_proportion():
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3]]).expand(4000, -1)
+    counts = torch.bincount(draw(probs, torch.Generator().manual_seed(0)).flatten(), minlength=4) / 4000
+    assert counts[1] == 0 and torch.allclose(counts, probs[0], atol=0.03)
 
 
 def test_finish_cuts_at_stop_and_trims_to_sentence():

@@ -25,6 +25,7 @@ from .tokens import CONTROL
 from .words import plural
 
 SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s|$)")
+NUCLEUS_CANDIDATES = 256  # tokens top-p looks at first (usually enough: see `nucleus`)
 
 
 class Chat(str):
@@ -292,19 +293,63 @@ def pick_tokens(logits: torch.Tensor, cfg: SampleConfig, generator, seen: torch.
         logits = logits.scatter(1, index, torch.where(seen >= 0, scores, logits.gather(1, index)))
     if cfg.greedy:
         return logits.argmax(-1)
-    # The k likeliest first (sorted, as top-p needs): softmax and sampling then read k scores, not the vocabulary.
     order = None
     if 0 < cfg.top_k < logits.size(-1):
-        logits, order = torch.topk(logits, cfg.top_k)
-    elif cfg.top_p < 1.0:
-        logits, order = torch.sort(logits, descending=True)
+        logits, order = torch.topk(logits, cfg.top_k)  # sorted: softmax and sampling then read k scores
     logits = (logits - logits.max(-1, keepdim=True).values) / cfg.temperature  # no overflow for tiny temperatures
     if cfg.top_p < 1.0:
-        probs = logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest set reaching top_p
-        logits = logits.masked_fill(drop, float("-inf"))
-    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+        logits, order = nucleus(logits, order, cfg.top_p)
+    choice = draw(logits.softmax(-1), generator)
     return (choice if order is None else order.gather(1, choice)).squeeze(1)
+
+
+def nucleus(logits: torch.Tensor, order: torch.Tensor | None, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Top-p: `logits` with all but the smallest set of likeliest tokens holding `top_p` of the
+    probability masked, and their ids through `order` (the ids of a top-k before, or None).
+
+    A sort of the vocabulary would find the set but costs 3 ms for GPT-2's on a CPU core, half a
+    decode step. A trained model's set is usually a few dozen tokens, inside a top-k of a few
+    hundred (returned sorted, like a top-k's); a flatter one's (high temperature, untrained
+    weights) is cut at `top_p_floor`'s probability instead (returned unsorted, the whole vocabulary).
+    """
+    probs = logits.softmax(-1)
+    top, index = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.size(-1)))
+    if bool((top.sum(-1) > top_p).all()):
+        drop = top.cumsum(-1) - top > top_p  # keep the smallest set reaching top_p
+        top_ids = index if order is None else order.gather(1, index)
+        return logits.gather(1, index).masked_fill(drop, float("-inf")), top_ids
+    return logits.masked_fill(logits.log_softmax(-1) < top_p_floor(logits, top_p), float("-inf")), order
+
+
+def top_p_floor(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Each row's smallest log-probability in its top-p set (B, 1): where a descending sort's running
+    sum first passes `top_p`. The range of log-probabilities is halved until few tokens are undecided
+    (12 sums over the vocabulary), and only those few are sorted."""
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
+
+    def mass(at: torch.Tensor) -> torch.Tensor:  # probability of the tokens at least this likely
+        return (probs * (logp >= at)).sum(-1, keepdim=True)
+
+    low, high = logp.min(-1, keepdim=True).values, logp.max(-1, keepdim=True).values + 1
+    for _ in range(12):  # mass(low) > top_p >= mass(high)
+        middle = (low + high) / 2
+        above = mass(middle) > top_p
+        low, high = torch.where(above, middle, low), torch.where(above, high, middle)
+    floors = []
+    for row, lo, hi, sure in zip(logp, low, high, mass(high)):  # the band holds at least one token
+        undecided = row[(row >= lo) & (row < hi)].sort(descending=True).values
+        at = int(torch.searchsorted(sure + undecided.exp().cumsum(0), top_p, right=True))
+        floors.append(undecided[min(at, len(undecided) - 1)])  # (the end only by rounding)
+    return torch.stack(floors)[:, None]
+
+
+def draw(probs: torch.Tensor, generator) -> torch.Tensor:
+    """A token per row (B, 1) from its probabilities, by one uniform number per row against their
+    running sum: `torch.multinomial` draws a random number per token, 0.8 ms for GPT-2's vocabulary."""
+    total = probs.cumsum(-1)
+    at = torch.rand(probs.size(0), 1, generator=generator, device=probs.device) * total[:, -1:]
+    return torch.searchsorted(total, at, right=True).clamp_(max=probs.size(-1) - 1)
 
 
 def finish(text: str, cfg: SampleConfig, final: bool = True) -> tuple[str, bool]:
