@@ -39,7 +39,8 @@ class Int8Linear(nn.Module):
         super().__init__()
         weight = weight.detach().float()
         self.column = int(weight.abs().amax(dim=0).argmax())
-        self.register_buffer("exact", weight[:, self.column].to(dtype))
+        # contiguous: a column of the fp32 weight is a strided view that would keep the whole matrix alive
+        self.register_buffer("exact", weight[:, self.column].to(dtype).contiguous())
         weight = weight.index_fill(1, torch.tensor([self.column]), 0)
         scale = torch.linalg.vector_norm(weight, ord=float("inf"), dim=1).clamp(min=1e-8) / 127  # absmax
         self.register_buffer("weight", torch.div(weight, scale[:, None]).round_().to(torch.int8).contiguous())
