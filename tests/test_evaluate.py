@@ -176,6 +176,9 @@ def test_cli_defaults_to_the_run_dirs_validation_split_and_tests_labels(tiny_run
     labels = result["label_control"]
     assert set(labels["per_label"]) == {"comedy", "fantasy", "horror", "mystery", "romance", "scifi"}
     assert 0 <= labels["accuracy"] <= 1 and labels["chance"] == pytest.approx(1 / 6)
+    held_out = report["held_out"]["documents"]  # the classifier learns from the training labels too
+    assert labels["classifier_documents"] > held_out and 0 <= labels["real_text_accuracy"] <= 1
+    assert "On the real held-out texts the classifier gets" in (out / "report.md").read_text()
 
 
 # --- bad input --------------------------------------------------------------------------------
