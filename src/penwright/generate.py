@@ -312,22 +312,21 @@ def nucleus(logits: torch.Tensor, order: torch.Tensor | None, top_p: float) -> t
     hundred (returned sorted, like a top-k's); a flatter one's (high temperature, untrained
     weights) is cut at `top_p_floor`'s probability instead (returned unsorted, the whole vocabulary).
     """
-    probs = logits.softmax(-1)
+    logp = logits.log_softmax(-1)
+    probs = logp.exp()
     top, index = torch.topk(probs, min(NUCLEUS_CANDIDATES, probs.size(-1)))
     if bool((top.sum(-1) > top_p).all()):
         drop = top.cumsum(-1) - top > top_p  # keep the smallest set reaching top_p
         top_ids = index if order is None else order.gather(1, index)
         return logits.gather(1, index).masked_fill(drop, float("-inf")), top_ids
-    return logits.masked_fill(logits.log_softmax(-1) < top_p_floor(logits, top_p), float("-inf")), order
+    return logits.masked_fill(logp < top_p_floor(logp, probs, top_p), float("-inf")), order
 
 
-def top_p_floor(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Each row's smallest log-probability in its top-p set (B, 1): where a descending sort's running
-    sum first passes `top_p`. The range of log-probabilities is halved until few tokens are undecided
-    (12 sums over the vocabulary), and only those few are sorted."""
-    logp = logits.log_softmax(-1)
-    probs = logp.exp()
-
+def top_p_floor(logp: torch.Tensor, probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Each row's smallest log-probability in its top-p set (B, 1), from its log-probabilities and
+    probabilities: where a descending sort's running sum first passes `top_p`. The range of
+    log-probabilities is halved until few tokens are undecided (12 sums over the vocabulary), and
+    only those few are sorted."""
     def mass(at: torch.Tensor) -> torch.Tensor:  # probability of the tokens at least this likely
         return (probs * (logp >= at)).sum(-1, keepdim=True)
 

@@ -174,8 +174,9 @@ class Batcher(Worker):
             row.new.append(token)
             if row.cfg.repetition_penalty != 1.0:
                 row.seen = torch.cat([row.seen, row.seen.new_tensor([[token]])], dim=1)
-            over = self.writer.ends(row.new, row.cfg) or len(row.new) >= row.cfg.max_new_tokens
-            piece, _ = row.draft.add(None if token in self.writer.stops else token)
+            end = token in self.writer.stops
+            piece, stopped = row.draft.add(None if end else token)  # the draft sees stop strings too
+            over = end or stopped or len(row.new) >= row.cfg.max_new_tokens
             if piece and row.job.stream:
                 row.job.send("text", row.index, piece)
             if not row.group.first_token:
