@@ -64,8 +64,15 @@ def measure_one(args) -> dict:
 
     preset, checkpointing, batch = args.one.split(",")
     cfg = config(args, preset, checkpointing, Path(args.folder), batch)
+    from penwright.errors import PenwrightError
+
     ranks, device = distributed.setup(pick_device("auto"))
-    t = training.setup(cfg, ranks, device, log=lambda *_: None)
+    try:
+        t = training.setup(cfg, ranks, device, log=lambda *_: None)
+    except PenwrightError as e:
+        if batch != "auto":
+            raise
+        return {"refused": str(e)}  # --batch-size auto's answer: not one sequence fits the budget
     vocab = t.model.get_input_embeddings().num_embeddings
     if batch == "probe":  # only the trials are wanted here
         peaks = t.plan.measured["peaks"]
@@ -105,6 +112,10 @@ def run(args, preset: str, checkpointing: str, folder: Path, batch: str = "fixed
     print(f"{preset:>6} checkpointing {checkpointing:>3} {batch}: {result} ({time.perf_counter() - started:.0f} s)",
           file=sys.stderr)
     return result
+
+
+def auto_choice(auto: dict) -> str:
+    return "none fits (refused)" if "refused" in auto else f"{auto['batch_size']} x {auto['grad_accum']}"
 
 
 def main() -> None:
@@ -173,7 +184,7 @@ def write_results(report: dict) -> None:
             auto = r[mode].get("auto")
             rows.append(f"| {preset} | {mode} | {r[mode]['peak_mib']} MiB | {r[mode]['per_sequence_mib']} MiB | "
                         f"{r[mode]['tokens_per_s']} | "
-                        + (f"{auto['batch_size']} x {auto['grad_accum']}" if auto else "-") + " |")
+                        + (auto_choice(auto) if auto else "-") + " |")
     ratios = "; ".join(f"{p}: peak {v['peak']}x, tokens/s {v['tokens_per_s']}x"
                        for p, v in report["checkpointing_vs_not"].items())
     section = "\n".join([
