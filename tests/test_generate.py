@@ -5,7 +5,7 @@ import torch
 
 from penwright import PenwrightError, load
 from penwright.config import SampleConfig
-from penwright.generate import draw, finish, nucleus, pick_tokens
+from penwright.generate import draw, finish, nucleus, pick_tokens, top_p_floor
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +79,18 @@ def test_nucleus_keeps_the_set_a_full_sort_keeps(spread, top_p):
     got = [set(row[keep].tolist()) for row, keep in zip(ids, kept > float("-inf"))]
     for want, have in zip(wanted, got):  # the same set, but for float rounding at its edge
         assert len(want ^ have) <= max(1, len(want) // 10_000), (len(want), len(have))
+
+
+def test_top_p_floor_is_where_a_full_sort_passes_top_p_even_with_a_far_tail():
+    logits = torch.randn(2, 50257, generator=torch.Generator().manual_seed(3))
+    logits[:, ::2] -= 50  # half the vocabulary far below the rest: past FLOOR_SPAN, all in the lowest bin
+    logp = logits.log_softmax(-1)
+    ordered = logp.sort(-1, descending=True).values
+    for top_p in (0.5, 0.9, 0.999):
+        passes = (ordered.double().exp().cumsum(-1) <= top_p).sum(-1, keepdim=True)  # first index past top_p
+        assert torch.equal(top_p_floor(logp, logp.exp(), top_p), ordered.gather(1, passes))
+    # probabilities holding less than top_p in all (rounding, at top_p near 1): every token is kept
+    assert torch.equal(top_p_floor(logp, logp.exp() / 2, 0.9), logp.amin(-1, keepdim=True))
 
 
 def test_draw_samples_in_proportion():
