@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from penwright import losses
 from penwright.config import SampleConfig
 from penwright.losses import IGNORE, linear_cross_entropy, lm_loss
-from penwright.quantize import Int8Linear, quantize_int8
+from penwright.quantize import Int8Linear, exact_int8_products, int8_activations, quantize_int8
 from penwright.training import set_dropout
 
 
@@ -70,6 +71,28 @@ def test_int8_linear_layers_stay_close_to_bf16():
     assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.h[0].attn.c_attn, Int8Linear)
     assert (before - after).abs().max() < 0.05 * before.abs().max()
     assert (before.argmax(-1) == after.argmax(-1)).float().mean() > 0.9
+
+
+@pytest.mark.skipif(not exact_int8_products(), reason="this CPU has no exact int8 products (VNNI or AMX)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_activations_keep_each_rows_numbers_and_the_int8_weights_answer(dtype):
+    torch.manual_seed(0)
+    layer = nn.Sequential(Int8Linear(torch.randn(96, 64), torch.randn(96), dtype))
+    int8 = layer[0]
+    x = (torch.randn(16, 64) * torch.logspace(-2, 1, 64)).to(dtype)  # columns of very different sizes
+    stored = int8.weight.double() * int8.scale_bits.view(torch.bfloat16).double()[:, None]
+    stored[:, int8.column] = int8.exact.double()
+    exact = x.double() @ stored.T + int8.bias.double()  # what the stored weights make of x
+    with torch.no_grad():
+        weight_only = layer(x).double()  # its activations rounded to bf16 for PyTorch's int8 kernel
+        assert int8_activations(layer) == 1 and int8_activations(layer) == 0  # once per layer
+        both = layer(x)
+        alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
+    assert int8.packed is not None and not hasattr(int8, "weight")  # the packed copy replaces it
+    assert torch.equal(both, alone)  # a row's numbers do not depend on the rows beside it
+    error = (both.double() - exact).abs().max() / exact.abs().max()
+    assert error < (1e-4 if dtype == torch.float32 else 1e-2)  # 14-bit activations; bf16 rounds the output
+    assert error <= (weight_only - exact).abs().max() / exact.abs().max()
 
 
 def test_int8_writer_is_reproducible_and_batches(tmp_path):

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from ..config import SampleConfig, ServeConfig
 from ..errors import PenwrightError
 from ..generate import Chat, Writer, load
+from ..quantize import int8_activations
 from ..words import plural
 from .requests import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, TurnWorker, Worker
@@ -59,8 +60,12 @@ def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
     if not cfg.model:
         raise PenwrightError("no model given: pass --model runs/NAME (repeatable; --model NAME=PATH names it)")
     # as `penwright generate` loads them: penwright's engine and int8 where it can, else transformers
-    return {name: load(path, cfg.precision, cfg.device, cfg.allow_pickle, log=log, quantize=cfg.quantize,
-                       engine=cfg.engine) for name, path in cfg.models().items()}
+    writers = {name: load(path, cfg.precision, cfg.device, cfg.allow_pickle, log=log, quantize=cfg.quantize,
+                          engine=cfg.engine) for name, path in cfg.models().items()}
+    for name, writer in writers.items():
+        if int8_activations(writer.model):  # where exact: a batch's rows then cost little more than one
+            log(f"{name}: int8 activations too (oneDNN, exact int8 products on this CPU), for batches of writers")
+    return writers
 
 
 def worker_for(name: str, writer: Writer, cfg: ServeConfig) -> Worker:
