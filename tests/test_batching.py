@@ -25,20 +25,26 @@ from penwright.serve.batcher import Batcher
 
 
 class Recorder:
-    """Wraps `model.hidden`: records each call's (rows, tokens) and sleeps `delay` seconds in it."""
+    """Wraps `model.hidden`: records the tokens each call feeds to each slot (a packed step's segments,
+    or a batch's rows) and sleeps `delay` seconds in it."""
 
     def __init__(self, model, delay: float = 0.0):
         self.inner, self.delay, self.calls = model.hidden, delay, []
         model.hidden = self
 
     def __call__(self, ids, step):
-        self.calls.append(tuple(ids.shape))
+        segments = step.segments or [(None, None, ids.shape[1])] * ids.shape[0]
+        self.calls.append([n for _, _, n in segments])
         time.sleep(self.delay)
         return self.inner(ids, step)
 
     def decodes(self) -> list[int]:
-        """The rows of each decode step so far."""
-        return [rows for rows, tokens in self.calls if tokens == 1 and rows > 0]
+        """The rows of each pass that decoded any so far."""
+        return [rows for rows in (sizes.count(1) for sizes in self.calls) if rows]
+
+    def prompt_chunks(self) -> list[int]:
+        """The size of every prompt chunk fed so far (a prompt of one token reads as a decode)."""
+        return [n for sizes in self.calls for n in sizes if n > 1]
 
 
 def server_for(tiny_run, delay: float = 0.0, **settings):
@@ -139,7 +145,7 @@ def test_n_samples_of_a_prompt_prefill_it_once_and_sample_k_is_seed_plus_k(batch
     body = {"model": "tiny", "prompt": "The ship", "max_tokens": 12, "seed": 7, "temperature": 0.9}
     recorder.calls.clear()
     texts = [c["text"] for c in complete(url, **body, n=3).json()["choices"]]
-    assert sum(tokens > 1 for _, tokens in recorder.calls) == 1  # one prefill for the three rows
+    assert len(recorder.prompt_chunks()) == 1  # one prefill for the three rows
     assert len(set(texts)) == 3
     assert [complete(url, **{**body, "seed": 7 + k}).json()["choices"][0]["text"] for k in range(3)] == texts
 
@@ -160,10 +166,10 @@ def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps(batching):
             assert first.result()[0] == second.result()[0] == 200
     finally:
         recorder.delay = 0.002
-    chunks = [i for i, (rows, tokens) in enumerate(recorder.calls) if tokens > 1]
-    assert [recorder.calls[i][1] for i in chunks] == [8] * (fed // 8) + [fed % 8] * (fed % 8 > 0)
-    between = recorder.calls[chunks[0]:chunks[-1]]
-    assert sum(tokens == 1 for _, tokens in between) >= 5  # the stream went on writing meanwhile
+    assert recorder.prompt_chunks() == [8] * (fed // 8) + [fed % 8] * (fed % 8 > 0)
+    chunks = [i for i, sizes in enumerate(recorder.calls) if max(sizes) > 1]
+    between = recorder.calls[chunks[0]:chunks[-1] + 1]
+    assert sum(sizes.count(1) for sizes in between) >= 5  # the stream went on writing meanwhile
     assert worker.health()["first_token_s"] > 0
 
 

@@ -279,6 +279,46 @@ def test_with_int8_on_cpu_a_row_beside_others_gets_exactly_its_numbers_alone(fol
             assert all(torch.equal(a, b) for a, b in zip(got[row], alone(model, prompts[row], follow[row]))), row
 
 
+def feeds_of(prompt: list[int], follow: list[int], chunk: int = 5) -> list[tuple[list[int], bool]]:
+    """What a slot is fed, pass by pass: its prompt in chunks (logits after the last), then one token at a time."""
+    pieces = [prompt[i:i + chunk] for i in range(0, len(prompt), chunk)]
+    return [(piece, i == len(pieces) - 1) for i, piece in enumerate(pieces)] + [([t], True) for t in follow]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mistral"])
+def test_a_packed_pass_gives_each_slot_the_numbers_it_gets_fed_alone(folders, name):
+    """`Cache.feed`, as `penwright serve` runs it with int8 activations: prompt chunks and other slots'
+    next tokens in one pass (past Mistral's 6-token window too) get exactly the logits each slot gets
+    fed alone; without exact int8 products, close to them."""
+    from penwright.quantize import exact_int8_products, int8_activations
+
+    model = load(str(folders[name]), precision="fp32", quantize="int8", engine="penwright", **quiet).model
+    exact = int8_activations(model) > 0
+    assert exact == exact_int8_products()
+    rows = [(list(range(5, 19)), [40, 41, 42]), ([3, 4], [50, 51, 52, 53]), (list(range(20, 27)), [60, 61])]
+    plans = [feeds_of(prompt, follow) for prompt, follow in rows]
+    with torch.inference_mode():
+        want = []
+        for plan in plans:  # each slot fed alone, a pass per piece
+            cache = Cache(model, 1, 64)
+            slot = cache.reserve()
+            want.append([out[0] for out in (cache.feed([(slot, ids)], [head]) for ids, head in plan) if len(out)])
+        cache, got = Cache(model, 3, 64), [[] for _ in plans]
+        slots = [cache.reserve() for _ in plans]
+        for step in range(max(len(plan) + i for i, plan in enumerate(plans))):  # slot i starts at step i
+            now = [i for i, plan in enumerate(plans) if 0 <= step - i < len(plan)]
+            feeds = [plans[i][step - i] for i in now]
+            logits = iter(cache.feed([(slots[i], ids) for i, (ids, _) in zip(now, feeds)], [h for _, h in feeds]))
+            for i, (_, head) in zip(now, feeds):
+                if head:
+                    got[i].append(next(logits))
+    for i, (prompt, follow) in enumerate(rows):
+        assert all((a - b).abs().max() < 1e-4 for a, b in zip(want[i], alone(model, prompt, follow)))  # as unpacked
+        assert len(got[i]) == len(want[i])
+        same = [torch.equal(a, b) if exact else bool((a - b).abs().max() < 1e-4) for a, b in zip(got[i], want[i])]
+        assert all(same), (i, same)
+
+
 def test_a_full_cache_says_so_and_a_freed_slot_is_reused(folders):
     cache = Cache(writer(folders, "llama", "penwright").model, 2, 8)
     a, b = cache.reserve(), cache.reserve()

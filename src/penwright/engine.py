@@ -9,7 +9,8 @@ weights. This module holds what the families share:
 - `attend`: attention of a step's queries over their rows' keys so far, written into the cache;
 - `Cache`: a pool of row slots for keys and values, allocated once, each row with its own length,
   and the primitives a scheduler calls: `reserve`, `prefill` (in chunks), `decode` (one token for
-  a set of rows at different lengths at once), `fork`, `free`;
+  a set of rows at different lengths at once), `feed` (several slots' new tokens, prompt chunks
+  and next tokens alike, packed into one pass), `fork`, `free`;
 - `Stepper`: a batch of writing for `generate.Writer`, on those same primitives.
 
 `generate.load` picks this engine for the folders the families accept and transformers for the rest.
@@ -153,6 +154,8 @@ class Step:
     scatter: torch.Tensor | None = None
     start: int | None = 0
     rope: tuple | None = None  # set by families that rotate queries and keys
+    segments: list[tuple[int, int, int]] | None = None  # a packed step's (slot, first position, tokens)
+    writes: torch.Tensor | None = None  # and where its keys go in a layer's cache seen as rows of head_dim
     _masks: dict = field(default_factory=dict)
 
     @classmethod
@@ -191,6 +194,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, layer:
     far (grouped-query when k and v have fewer heads), after writing this step's keys and values
     into `layer`'s cache. Returns (B, heads, T, head_dim) in q's dtype."""
     dtype = q.dtype
+    if step.segments is not None:
+        return packed(q, k, v, step, layer, window).to(dtype)
     if step.cache is not None:
         keys, values = step.cache.layers[layer]
         k, v = k.to(keys.dtype), v.to(keys.dtype)
@@ -228,6 +233,33 @@ def each_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: St
             mask = (position - torch.arange(position + 1, device=q.device) < window)[None, None, None, :]
         out.append(F.scaled_dot_product_attention(q[i:i + 1], k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1)))
     return torch.cat(out)
+
+
+def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, layer: int, window: int | None
+           ) -> torch.Tensor:
+    """Attention of a packed step (`Cache.feed`): one row of several slots' new tokens, each segment
+    of it over its own slot's keys, causally, as it would be fed alone."""
+    keys, values = step.cache.layers[layer]
+    for cache, new in ((keys, k), (values, v)):  # one copy of rows (an indexed assignment is 10x slower)
+        cache.view(-1, cache.size(-1)).index_copy_(0, step.writes, new[0].reshape(-1, new.size(-1)).to(cache.dtype))
+    q, out, offset = q.to(keys.dtype), [], 0
+    for index, (slot, start, n) in enumerate(step.segments):
+        if (index, window) not in step._masks:  # the same for every layer of that window
+            step._masks[index, window] = segment_mask(start, n, window, q.device)
+        k, v = keys[slot:slot + 1, :, :start + n], values[slot:slot + 1, :, :start + n]
+        mask = step._masks[index, window]
+        out.append(F.scaled_dot_product_attention(q[:, :, offset:offset + n].contiguous(), k, v, attn_mask=mask,
+                                                  enable_gqa=k.size(1) != q.size(1)))
+        offset += n
+    return torch.cat(out, dim=2)
+
+
+def segment_mask(start: int, n: int, window: int | None, device) -> torch.Tensor | None:
+    """Which keys each of `n` new tokens from position `start` sees (causal, within `window`); None
+    where every token sees them all (one new token without a window that cuts)."""
+    query, key = torch.arange(start, start + n, device=device)[:, None], torch.arange(start + n, device=device)
+    allowed = (key <= query) & ((query - key < window) if window is not None else True)
+    return None if bool(allowed.all()) else allowed[None, None]
 
 
 # --- the cache and its primitives -------------------------------------------------------------
@@ -283,6 +315,30 @@ class Cache:
     def decode(self, slots: Sequence[int], ids: torch.Tensor) -> torch.Tensor:
         """Feed one token to each of `slots` (rows at any lengths); next-token logits (len(slots), vocab)."""
         return self._feed(slots, ids.view(-1, 1))
+
+    def feed(self, segments: Sequence[tuple[int, Sequence[int]]], heads: Sequence[bool]) -> torch.Tensor:
+        """One pass for several slots' new tokens at once (a slot's next token, or a chunk of its
+        prompt), packed into one row; the logits (rows, vocab) after the last token of each segment
+        whose `heads` entry is True. Every layer of the pass treats tokens apart but attention, which
+        reads each segment's own slot: with `quantize.int8_activations` (exact integer sums) a slot gets
+        exactly the numbers it would get fed alone, and the batch shares one read of the weights."""
+        slots, sizes = [slot for slot, _ in segments], [len(ids) for _, ids in segments]
+        starts = [self.lengths[slot] for slot in slots]
+        if max(start + n for start, n in zip(starts, sizes)) > self.length:
+            raise ValueError(f"a row would hold more than {self.length} tokens")
+        device = self.layers[0][0].device
+        ids = torch.tensor([token for _, chunk in segments for token in chunk], device=device)[None]
+        positions = torch.cat([torch.arange(start, start + n) for start, n in zip(starts, sizes)]).to(device)[None]
+        rows = torch.tensor([slot for slot, n in zip(slots, sizes) for _ in range(n)], device=device)
+        kv = torch.arange(self.model.shape.kv_heads, device=device)[:, None]  # (slot, head, position) as one row
+        writes = ((rows[None] * len(kv) + kv) * self.length + positions).view(-1)
+        step = Step(positions, max(start + n for start, n in zip(starts, sizes)), self, rows, start=None,
+                    segments=list(zip(slots, starts, sizes)), writes=writes)
+        x = self.model.hidden(ids, step)[0]
+        for slot, n in zip(slots, sizes):
+            self.lengths[slot] += n
+        ends = torch.tensor(sizes).cumsum(0)[torch.tensor(heads, dtype=torch.bool)] - 1
+        return self.model.lm_head(x[ends.to(device)])
 
     def fork(self, source: int, target: int) -> None:
         """Copy what `source` holds into `target` (rows sampled from one prompt prefill it once)."""

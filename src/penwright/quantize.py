@@ -151,3 +151,8 @@ def quantize_int8(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.M
             if weight.shape[1] % IN_MULTIPLE == 0:
                 setattr(parent, name, Int8Linear(weight, child.bias, dtype))
     return model
+
+
+def has_int8_activations(model: nn.Module) -> bool:
+    """Whether `int8_activations` switched any of `model`'s layers."""
+    return any(isinstance(m, Int8Linear) and m.packed is not None for m in model.modules())

@@ -5,11 +5,14 @@ is free, is prefilled into it a chunk at a time (`--prefill-chunk` prompt tokens
 beside the running rows' decode steps, so a long prompt does not stall the streams), samples its
 first token from the prefill's logits and joins the next decode step. It leaves at EOS, a stop
 string or its length, or when its client leaves or runs out of time; its slot goes to the next row.
+Where the model has int8 activations (`quantize.int8_activations`) a step is one pass for the
+decoding rows and the prompt chunks together (`Cache.feed`); elsewhere each chunk has its own.
 
 Every row samples with its own settings and its own random generator (seeded: the request's seed
 plus the row's sample number), through the same `pick_tokens` as `penwright generate`, on its own
-logits, which on CPU with int8 are bit-identical to the row's logits alone (`engine.each_row`): a
-seeded request writes the same text alone or beside others. n samples of one prompt prefill it once.
+logits, which on CPU with int8 are bit-identical to the row's logits alone (`engine.each_row` and
+`engine.packed` attend over each row's own keys; int8's products treat rows apart): a seeded
+request writes the same text alone or beside others. n samples of one prompt prefill it once.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 from ..config import SampleConfig
 from ..engine import Cache
 from ..generate import Draft, Sample, Writer, pick_tokens
+from ..quantize import has_int8_activations
 from .worker import Job, Worker
 
 
@@ -49,7 +53,7 @@ class Row:
     seen: torch.Tensor  # (1, ids so far), read by the repetition penalty
     new: list[int] = field(default_factory=list)  # tokens written, EOS included
     slot: int | None = None
-    prefill: Iterator | None = None
+    prefill: Iterator | None = None  # its chunks' passes, where steps are not packed
     todo: int = 0  # prompt tokens not prefilled yet
     last: int | None = None  # the token the next decode step feeds
     copies: list[Row] = field(default_factory=list)  # rows of the same prompt admitted with it: they fork its slot
@@ -66,6 +70,9 @@ class Batcher(Worker):
         self.next: deque[Row] = deque()  # rows of the request taken from the queue, waiting for a slot
         self.rows: list[Row] = []  # rows holding a slot: prefilling, then decoding
         self.first_tokens: deque[float] = deque(maxlen=200)  # seconds from submission to a request's first token
+        # Decode rows and prompt chunks share one pass where no row's numbers depend on its company
+        # (int8 activations: exact sums); elsewhere each prompt chunk has a pass of its own.
+        self.packs = has_int8_activations(writer.model)
         super().__init__(name, writer, max_batch)
 
     @property
@@ -94,8 +101,11 @@ class Batcher(Worker):
             try:
                 self._leave_cancelled()
                 self._admit()
-                self._decode()
-                self._prefill()
+                if self.packs:
+                    self._step()
+                else:
+                    self._decode()
+                    self._prefill()
             except Exception as e:  # noqa: BLE001 (every client under way must hear about it; the loop goes on)
                 for group in {id(row.group): row.group for row in [*self.rows, *self.next]}.values():
                     group.job.send("error", e)
@@ -122,12 +132,12 @@ class Batcher(Worker):
             row = self.next.popleft()
             row.slot = self.cache.reserve()
             self.rows.append(row)
-            source = next((r for r in self.rows if r.prefill is not None and r.group is row.group and r.ids == row.ids),
-                          None)
+            source = next((r for r in self.rows if r.todo and r.group is row.group and r.ids == row.ids), None)
             if source is not None:  # n samples of one prompt: it is prefilled once
                 source.copies.append(row)
             else:
-                row.prefill, row.todo = self.cache.prefill(row.slot, row.ids, self.chunk), len(row.ids)
+                row.todo = len(row.ids)
+                row.prefill = None if self.packs else self.cache.prefill(row.slot, row.ids, self.chunk)
 
     def _rows_of(self, job: Job) -> list[Row]:
         n, seed = job.cfg.num_samples, job.cfg.seed
@@ -145,21 +155,42 @@ class Batcher(Worker):
             return []
         return rows
 
-    def _prefill(self) -> None:
-        """Feed prompts a chunk at a time, oldest first, up to `chunk` tokens in all this step (at least one
-        chunk); a row whose prompt is in samples its first token."""
-        spent = 0
-        for row in [row for row in self.rows if row.prefill is not None]:
+    def _chunks(self) -> list[tuple[Row, list[int]]]:
+        """This step's prompt chunks, oldest row first, up to `chunk` tokens in all (at least one chunk)."""
+        spent, chunks = 0, []
+        for row in [row for row in self.rows if row.todo]:
             size = min(self.chunk, row.todo)
             if spent and spent + size > self.chunk:
-                return
-            logits = next(row.prefill)
+                break
+            start = len(row.ids) - row.todo
+            chunks.append((row, row.ids[start:start + size]))
             spent, row.todo = spent + size, row.todo - size
+        return chunks
+
+    def _step(self) -> None:
+        """One pass (`Cache.feed`) for every decoding row's next token and this step's prompt chunks."""
+        decoding, chunks = [row for row in self.rows if row.last is not None], self._chunks()
+        segments = [(row.slot, [row.last]) for row in decoding] + [(row.slot, ids) for row, ids in chunks]
+        if not segments:
+            return
+        logits = self.cache.feed(segments, [True] * len(decoding) + [not row.todo for row, _ in chunks])
+        self._take(decoding, logits[:len(decoding)])
+        for row, scores in zip([row for row, _ in chunks if not row.todo], logits[len(decoding):]):
+            self._first(row, scores)
+
+    def _prefill(self) -> None:
+        """Feed this step's prompt chunks, a pass each."""
+        for row, _ in self._chunks():
+            logits = next(row.prefill)
             if logits is not None:  # the last chunk
                 row.prefill = None
-                for copy in row.copies:
-                    self.cache.fork(row.slot, copy.slot)
-                self._take([row, *row.copies], logits[None].expand(1 + len(row.copies), -1))
+                self._first(row, logits)
+
+    def _first(self, row: Row, logits: torch.Tensor) -> None:
+        """A row whose prompt is in (and its copies, which fork its slot) samples its first token."""
+        for copy in row.copies:
+            self.cache.fork(row.slot, copy.slot)
+        self._take([row, *row.copies], logits[None].expand(1 + len(row.copies), -1))
 
     def _decode(self) -> None:
         rows = [row for row in self.rows if row.last is not None]
