@@ -19,6 +19,7 @@ weights. This module holds what the families share:
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -228,9 +229,7 @@ def each_row(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, step: St
     out = []
     for i, (slot, position) in enumerate(zip(step.rows.tolist(), step.positions[:, 0].tolist())):
         k, v = keys[slot:slot + 1, :, :position + 1], values[slot:slot + 1, :, :position + 1]
-        mask = None  # as `Step.mask` makes it for this row alone
-        if window is not None and window < position + 1:
-            mask = (position - torch.arange(position + 1, device=q.device) < window)[None, None, None, :]
+        mask = segment_mask(position, 1, window, q.device)  # as `Step.mask` makes it for this row alone
         out.append(F.scaled_dot_product_attention(q[i:i + 1], k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1)))
     return torch.cat(out)
 
@@ -257,6 +256,8 @@ def packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, layer:
 def segment_mask(start: int, n: int, window: int | None, device) -> torch.Tensor | None:
     """Which keys each of `n` new tokens from position `start` sees (causal, within `window`); None
     where every token sees them all (one new token without a window that cuts)."""
+    if n == 1 and (window is None or window > start):
+        return None  # a decode step's usual case, on every row and layer: no tensors to build
     query, key = torch.arange(start, start + n, device=device)[:, None], torch.arange(start + n, device=device)
     allowed = (key <= query) & ((query - key < window) if window is not None else True)
     return None if bool(allowed.all()) else allowed[None, None]
@@ -324,7 +325,8 @@ class Cache:
         exactly the numbers it would get fed alone, and the batch shares one read of the weights."""
         slots, sizes = [slot for slot, _ in segments], [len(ids) for _, ids in segments]
         starts = [self.lengths[slot] for slot in slots]
-        if max(start + n for start, n in zip(starts, sizes)) > self.length:
+        keys = max(start + n for start, n in zip(starts, sizes))
+        if keys > self.length:
             raise ValueError(f"a row would hold more than {self.length} tokens")
         device = self.layers[0][0].device
         ids = torch.tensor([token for _, chunk in segments for token in chunk], device=device)[None]
@@ -332,13 +334,12 @@ class Cache:
         rows = torch.tensor([slot for slot, n in zip(slots, sizes) for _ in range(n)], device=device)
         kv = torch.arange(self.model.shape.kv_heads, device=device)[:, None]  # (slot, head, position) as one row
         writes = ((rows[None] * len(kv) + kv) * self.length + positions).view(-1)
-        step = Step(positions, max(start + n for start, n in zip(starts, sizes)), self, rows, start=None,
-                    segments=list(zip(slots, starts, sizes)), writes=writes)
+        step = Step(positions, keys, self, rows, start=None, segments=list(zip(slots, starts, sizes)), writes=writes)
         x = self.model.hidden(ids, step)[0]
         for slot, n in zip(slots, sizes):
             self.lengths[slot] += n
-        ends = torch.tensor(sizes).cumsum(0)[torch.tensor(heads, dtype=torch.bool)] - 1
-        return self.model.lm_head(x[ends.to(device)])
+        ends = [end - 1 for end, head in zip(itertools.accumulate(sizes), heads) if head]
+        return self.model.lm_head(x[ends])
 
     def fork(self, source: int, target: int) -> None:
         """Copy what `source` holds into `target` (rows sampled from one prompt prefill it once)."""
