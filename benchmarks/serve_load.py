@@ -5,8 +5,9 @@
     python benchmarks/serve_load.py --requests 100 --alone 8  # a shorter run
 
 16 clients at once, each with its own sampling settings (temperature, top-k, top-p, repetition
-penalty, seed), half of them streaming, send 500 completion requests in all; then the first
---alone of the same requests are sent one at a time. Reports both runs' tokens/s and their ratio,
+penalty, seed), half of them streaming, send 500 completion requests in all; --alone requests of
+the same kinds go one at a time, half before the load and half after, so that the ratio does not
+hang on how fast a shared machine was in one window. Reports both runs' tokens/s and their ratio,
 latency p50/p99, time to first token (the streams', as their clients see it, and the server's
 median over all requests), errors, and the server's RSS after 50 requests and after all of them.
 The vocabulary is GPT-2's (../shared/data/gpt2-tokenizer) when that folder is there, else a
@@ -36,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 SHARED = next((p for p in (HERE.parent.parent / "shared" / "data", Path("/work/shared/data")) if p.is_dir()),
               HERE.parent.parent / "shared" / "data")  # beside the checkout, or the machine's shared folder
 SAMPLE = HERE.parent / "src" / "penwright" / "data" / "sample_stories.csv"
+WARM_UP = 4  # requests sent one at a time before anything is measured
 PROMPTS = ["The ship", "She opened the door and saw", "In the year 3000,", "The detective looked at the letter",
            "Once upon a time", "Nobody laughed when the king"]
 
@@ -145,12 +147,13 @@ async def under_load(url: str, args, pid: int) -> tuple[list[dict], float, dict]
     return results, wall, rss
 
 
-async def alone(url: str, args, sent: list[dict]) -> tuple[list[dict], float]:
-    """The first `args.alone` requests of the load, the same settings, one at a time."""
+async def alone(url: str, args, numbers: range) -> tuple[list[dict], float]:
+    """Requests `numbers` one at a time, each with the prompt the load gives that number and the
+    settings of client `number % clients`."""
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         start, results = time.perf_counter(), []
-        for r in sorted(sent, key=lambda r: r["number"])[:args.alone]:
-            results.append(await one(client, r["number"], r["client"], args.max_tokens))
+        for number in numbers:
+            results.append(await one(client, number, number % args.clients, args.max_tokens))
         return results, time.perf_counter() - start
 
 
@@ -182,6 +185,7 @@ def write_results(report: dict) -> None:
     from penwright import files
 
     name, load, one_by_one, rss = report["name"], report["load"], report["alone"], report["rss_mb"]
+    before, after = one_by_one["tokens_per_s_before_after"]
     results = HERE / "results"
     results.mkdir(exist_ok=True)
     files.write_text(results / f"serve-{name}.json", json.dumps(report, indent=2) + "\n")
@@ -194,8 +198,9 @@ def write_results(report: dict) -> None:
         f"{report['clients']} clients at once, each with its own sampling settings (temperature, top-k, top-p, "
         f"repetition penalty, a seed for every third), half of them streaming, sent {load['requests']} completion "
         f"requests of {report['max_tokens']} new tokens to `penwright serve --max-batch {report['max_batch']}` on "
-        f"loopback, serving {report['model']} ({report['engine']}); then the first {one_by_one['requests']} of the "
-        f"same requests went one at a time. {report['machine']['description']}; 1-minute load average "
+        f"loopback, serving {report['model']} ({report['engine']}); {one_by_one['requests']} requests of the same "
+        f"kinds went one at a time, half before the load and half after ({before} and {after} tokens/s). "
+        f"{report['machine']['description']}; 1-minute load average "
         f"{report['load_average_before']} before the run, {report['machine']['date']}. Raw numbers: "
         f"`benchmarks/results/serve-{name}.json`.", "",
         "| clients | requests | errors | tokens/s | latency p50 | latency p99 | first token p50 (streams) "
@@ -213,16 +218,21 @@ def measure(args, run: Path, log) -> dict:
     server, url = start_server(run, args, log)
     try:
         wait_ready(url, server)
-        print(f"{args.clients} clients, {args.requests} requests against {url} ...", file=sys.stderr)
+        asyncio.run(alone(url, args, range(WARM_UP)))  # the first passes of each shape build oneDNN's kernels
+        half = args.alone // 2
+        print(f"{half} requests one at a time, then {args.clients} clients with {args.requests} requests "
+              f"against {url}, then {args.alone - half} one at a time ...", file=sys.stderr)
         load_before = os.getloadavg()[0]
+        before, before_wall = asyncio.run(alone(url, args, range(half)))
         sent, wall, rss = asyncio.run(under_load(url, args, server.pid))
         health = httpx.get(f"{url}/health").json()["models"]["bench"]
-        print(f"the first {args.alone} of them one at a time ...", file=sys.stderr)
-        single, single_wall = asyncio.run(alone(url, args, sent))
+        after, after_wall = asyncio.run(alone(url, args, range(half, args.alone)))
     finally:
         server.terminate()
         server.wait(30)
-    load, one_by_one = figures(sent, wall), figures(single, single_wall)
+    load, one_by_one = figures(sent, wall), figures(before + after, before_wall + after_wall)
+    one_by_one["tokens_per_s_before_after"] = [figures(before, before_wall)["tokens_per_s"],
+                                               figures(after, after_wall)["tokens_per_s"]]
     return {"load": load, "alone": one_by_one, "rss_mb": rss, "load_average_before": round(load_before, 2),
             "ratio": round(load["tokens_per_s"] / max(one_by_one["tokens_per_s"], 1e-9), 2),
             "server_first_token_s": health.get("first_token_s"),
@@ -235,7 +245,8 @@ def main() -> int:
     parser.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"), help="GPT-2 vocab.json + merges.txt")
     parser.add_argument("--clients", type=int, default=16, help="requests in flight at once (default: 16)")
     parser.add_argument("--requests", type=int, default=500, help="requests in all (default: 500)")
-    parser.add_argument("--alone", type=int, default=32, help="of those, how many to send one at a time (default: 32)")
+    parser.add_argument("--alone", type=int, default=32,
+                        help="requests sent one at a time, half before the load, half after (default: 32)")
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default: 32)")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default: 16)")
     parser.add_argument("--threads", type=int, help="the server's --threads (default: its own)")
