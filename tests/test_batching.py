@@ -227,6 +227,18 @@ def test_the_context_limits_a_request_the_longest_prompt_is_written(batching):
     assert complete(url, model="tiny", prompt=prompt + " a", max_tokens=1).status_code == 400
 
 
+def test_each_slot_holds_the_longest_row_the_servers_limits_allow_not_the_whole_context(tiny_run):
+    app, worker, _ = server_for(tiny_run, max_prompt_tokens=12, max_tokens_cap=10)
+    assert worker.writer.context == 64 and worker.cache.length == 2 + 12 + 10  # EOS, a label, prompt, new tokens
+    prompt = " ".join(["a"] * 12)
+    with serving(app) as url:
+        longest = complete(url, model="tiny", prompt=prompt, max_tokens=10, label="horror", seed=1)
+        assert longest.status_code == 200 and longest.json()["usage"] == {"prompt_tokens": 12, "completion_tokens": 10,
+                                                                          "total_tokens": 22}
+        assert complete(url, model="tiny", prompt=prompt + " a", max_tokens=1).status_code == 400
+        assert complete(url, model="tiny", prompt="The ship", max_tokens=11).status_code == 400
+
+
 def test_a_failing_step_fails_its_requests_and_the_loop_goes_on(tiny_run):
     app, worker, recorder = server_for(tiny_run)
     broken = threading.Event()

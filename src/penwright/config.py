@@ -431,7 +431,8 @@ class ServeConfig(WritingRuntime):
     host: str = opt("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to your network)")
     port: int = opt(8000, "TCP port to listen on")
     api_key: str | None = opt(None, "require 'Authorization: Bearer KEY' (default: $PENWRIGHT_API_KEY if set)")
-    max_prompt_tokens: int = opt(1024, "refuse prompts longer than this many tokens")
+    max_prompt_tokens: int = opt(1024, "refuse prompts longer than this many tokens (with --max-tokens-cap, it sets "
+                                       "the KV cache kept per row)")
     max_tokens_cap: int = opt(512, "refuse requests for more new tokens than this")
     max_body_bytes: int = opt(1_000_000, "refuse request bodies larger than this")
     timeout: float = opt(120.0, "seconds a request may wait and run before it is abandoned")

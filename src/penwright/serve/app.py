@@ -75,8 +75,15 @@ def worker_for(name: str, writer: Writer, cfg: ServeConfig) -> Worker:
     if isinstance(writer.model, Model):
         from .batcher import Batcher
 
-        return Batcher(name, writer, cfg.max_batch, cfg.prefill_chunk)
+        return Batcher(name, writer, cfg.max_batch, cfg.prefill_chunk, longest_row(writer, cfg))
     return TurnWorker(name, writer, cfg.max_batch)
+
+
+def longest_row(writer: Writer, cfg: ServeConfig) -> int:
+    """The most tokens a row can hold on this server: the leading EOS and a label, the longest prompt and
+    the most new tokens it takes, within the model's context. The batcher's cache keeps that many per slot,
+    not the whole context, which for SmolLM2's 8,192 tokens would take 6 GB at --max-batch 16."""
+    return min(writer.context, 2 + cfg.max_prompt_tokens + cfg.max_tokens_cap)
 
 
 class Server:

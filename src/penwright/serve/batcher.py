@@ -64,8 +64,8 @@ class Row:
 
 
 class Batcher(Worker):
-    def __init__(self, name: str, writer: Writer, max_batch: int, prefill_chunk: int):
-        self.cache = Cache(writer.model, max_batch, writer.context)
+    def __init__(self, name: str, writer: Writer, max_batch: int, prefill_chunk: int, length: int):
+        self.cache = Cache(writer.model, max_batch, length)  # `length` tokens a slot: the longest row a request makes
         self.chunk = prefill_chunk
         self.next: deque[Row] = deque()  # rows of the request taken from the queue, waiting for a slot
         self.rows: list[Row] = []  # rows holding a slot: prefilling, then decoding
