@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(MAKE) bench-memory
 
 # Load test of `penwright serve` on loopback: GPT-2 124M's shape, 16 clients with their own settings (half streaming),
-# 500 requests, then the same one at a time (~5 min on 2 CPU cores); writes benchmarks/results/serve-<machine>.json
+# 500 requests, and 32 one at a time around them (~2 min on 2 CPU cores); writes benchmarks/results/serve-<machine>.json
 # and that machine's section of RESULTS.md.
 bench-serve: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/serve_load.py
