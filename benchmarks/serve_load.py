@@ -3,6 +3,8 @@
     python benchmarks/serve_load.py                           # GPT-2 124M, random weights, the real vocabulary
     python benchmarks/serve_load.py --run runs/book           # or a run dir you have
     python benchmarks/serve_load.py --requests 100 --alone 8  # a shorter run
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PENWRIGHT_CPU_BF16=0 \
+        python benchmarks/serve_load.py --name cpu-avx2-imitated  # as on a CPU with AVX2 only
 
 16 clients at once, each with its own sampling settings (temperature, top-k, top-p, repetition
 penalty, seed), half of them streaming, send 500 completion requests in all; --alone requests of
@@ -250,6 +252,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default: 32)")
     parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch (default: 16)")
     parser.add_argument("--threads", type=int, help="the server's --threads (default: its own)")
+    parser.add_argument("--name", help="results name (default: cpu-<isa> or gpu, as `make bench` names them)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.path.insert(0, str(HERE.parent / "src"))
@@ -265,8 +268,8 @@ def main() -> int:
             if report["load"]["errors"] or report["alone"]["errors"]:
                 log.seek(0)
                 print(log.read()[-4000:], file=sys.stderr)
-    report = {"name": machine_name(), "model": model, "clients": args.clients, "max_tokens": args.max_tokens,
-              "max_batch": args.max_batch, **report, "machine": machine()}
+    report = {"name": args.name or machine_name(), "model": model, "clients": args.clients,
+              "max_tokens": args.max_tokens, "max_batch": args.max_batch, **report, "machine": machine()}
     write_results(report)
     print(json.dumps(report, indent=2))
     return 1 if report["load"]["errors"] or report["alone"]["errors"] else 0
