@@ -34,6 +34,7 @@ from .worker import Job, TurnWorker, Worker
 STATIC = Path(__file__).parent / "static"
 MAX_SAMPLES = 64  # prompts x n in one request; more is a denial of service, not a use
 DISCONNECT_POLL_S = 0.25  # how often a plain request's wait looks for a client that left
+HEAD_TOKENS = 2  # what a row may hold before its prompt: the leading EOS and a label
 
 
 class ApiError(Exception):
@@ -83,7 +84,7 @@ def longest_row(writer: Writer, cfg: ServeConfig) -> int:
     """The most tokens a row can hold on this server: the leading EOS and a label, the longest prompt and
     the most new tokens it takes, within the model's context. The batcher's cache keeps that many per slot,
     not the whole context, which for SmolLM2's 8,192 tokens would take 6 GB at --max-batch 16."""
-    return min(writer.context, 2 + cfg.max_prompt_tokens + cfg.max_tokens_cap)
+    return min(writer.context, HEAD_TOKENS + cfg.max_prompt_tokens + cfg.max_tokens_cap)
 
 
 class Server:
@@ -152,7 +153,7 @@ class Server:
         if sampling.label is not None and sampling.label not in writer.labels:
             known = ", ".join(sorted(writer.labels)) or "none"
             raise ApiError(400, f"unknown label {sampling.label!r}; this model knows: {known}", param="label")
-        room = min(cfg.max_prompt_tokens, writer.context - 3)  # 3: the leading EOS, a label, one new token
+        room = min(cfg.max_prompt_tokens, writer.context - HEAD_TOKENS - 1)  # and one new token
         for prompt in prompts:
             if (size := count_tokens(writer, prompt)) > room:
                 raise ApiError(400, f"the prompt is {plural(size, 'token')}; this server takes at most {room}",
