@@ -18,6 +18,7 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_batching import Recorder
 
 from conftest import serving
 from penwright import load
@@ -104,8 +105,9 @@ def test_no_request_gets_a_server_error_and_nothing_changes(client):
 def test_bursts_of_requests_at_once_get_no_server_error_and_nothing_changes(tiny_run):
     """Eight made-up requests at a time, each on its own connection, against --max-batch 4 and --max-queue 2."""
     statuses = Counter()
-    with serving(app_for(tiny_run, max_batch=4, max_queue=2)) as url, httpx.Client(base_url=url, timeout=30) as http, \
-            ThreadPoolExecutor(8) as pool:
+    app = app_for(tiny_run, max_batch=4, max_queue=2)
+    Recorder(app.state.server.writers["tiny"].model, delay=0.005)  # each pass takes a while: a burst fills the queue
+    with serving(app) as url, httpx.Client(base_url=url, timeout=30) as http, ThreadPoolExecutor(8) as pool:
         before = fixed(http)
 
         def send(body: bytes, stream_path: str) -> tuple[int, str]:

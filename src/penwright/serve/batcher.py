@@ -218,6 +218,7 @@ class Batcher(Worker):
                 self._finish(row)
 
     def _finish(self, row: Row) -> None:
+        self._leave(row)  # before its client hears the end: a finished request holds no slot
         piece, sample = row.draft.close()
         group, job = row.group, row.job
         if job.stream:
@@ -228,7 +229,6 @@ class Batcher(Worker):
         if not group.left:
             job.send(*(("done",) if job.stream else ("samples", group.samples)))
             self.finished(job)
-        self._leave(row)
 
     def _leave(self, row: Row) -> None:
         self.rows.remove(row)
