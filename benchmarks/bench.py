@@ -20,7 +20,7 @@ or gpu.json, and that machine's speed section of benchmarks/RESULTS.md. Training
 peak (the denominator of MFU) run in the precision `penwright train` picks here, and HF Trainer
 in the fastest precision HF offers here: bf16 only where it is native (elsewhere PyTorch emulates
 it, ~100x slower than fp32). The machine's own imitation of an AVX2-only CPU is
-`PENWRIGHT_CPU_BF16=0 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`.
+`PENWRIGHT_CPU_BF16=0 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2`.
 """
 
 from __future__ import annotations
@@ -166,6 +166,10 @@ def smollm_gguf() -> Path | None:
     return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"), None) if spec else None
 
 
+# what makes this machine's kernels act like another CPU's (PyTorch's, oneDNN's, FBGEMM's, penwright's bf16)
+IMITATION = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "FBGEMM_ENABLE_INSTRUCTIONS", "PENWRIGHT_CPU_BF16")
+
+
 def machine() -> dict:
     import datasets
     import tokenizers
@@ -181,8 +185,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "description": cpu_description(), "capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": cpu_has_native_bf16(), "isa": [f for f in wanted if f in flags],
-            "imitation": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "PENWRIGHT_CPU_BF16")
-                          if k in os.environ},
+            "imitation": {k: os.environ[k] for k in IMITATION if k in os.environ},
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "datasets": datasets.__version__, "tokenizers": tokenizers.__version__,

@@ -3,7 +3,7 @@
     python benchmarks/serve_load.py                           # GPT-2 124M, random weights, the real vocabulary
     python benchmarks/serve_load.py --run runs/book           # or a run dir you have
     python benchmarks/serve_load.py --requests 100 --alone 8  # a shorter run
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 PENWRIGHT_CPU_BF16=0 \
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 FBGEMM_ENABLE_INSTRUCTIONS=AVX2 PENWRIGHT_CPU_BF16=0 \
         python benchmarks/serve_load.py --name cpu-avx2-imitated  # as on a CPU with AVX2 only
 
 16 clients at once, each with its own sampling settings (temperature, top-k, top-p, repetition

@@ -15,7 +15,7 @@ from torch import nn
 from penwright import losses
 from penwright.config import SampleConfig
 from penwright.losses import IGNORE, linear_cross_entropy, lm_loss
-from penwright.quantize import Int8Linear, exact_int8_products, int8_activations, quantize_int8
+from penwright.quantize import BACKENDS, Int8Linear, exact_backends, int8_activations, int8_products, quantize_int8
 from penwright.training import set_dropout
 
 
@@ -73,26 +73,73 @@ def test_int8_linear_layers_stay_close_to_bf16():
     assert (before.argmax(-1) == after.argmax(-1)).float().mean() > 0.9
 
 
-@pytest.mark.skipif(not exact_int8_products(), reason="this CPU has no exact int8 products (VNNI or AMX)")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_activations_keep_each_rows_numbers_and_the_int8_weights_answer(dtype):
+def int8_layer(dtype: torch.dtype):
+    """An `Int8Linear` (in a Sequential, as `int8_activations` takes models), rows of very different
+    columns for it, and the answer its stored weights make of them."""
     torch.manual_seed(0)
     layer = nn.Sequential(Int8Linear(torch.randn(96, 64), torch.randn(96), dtype))
     int8 = layer[0]
     x = (torch.randn(16, 64) * torch.logspace(-2, 1, 64)).to(dtype)  # columns of very different sizes
     stored = int8.weight.double() * int8.scale_bits.view(torch.bfloat16).double()[:, None]
     stored[:, int8.column] = int8.exact.double()
-    exact = x.double() @ stored.T + int8.bias.double()  # what the stored weights make of x
+    return layer, x, x.double() @ stored.T + int8.bias.double()
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_activations_keep_each_rows_numbers_and_the_int8_weights_answer(backend, dtype):
+    if backend not in exact_backends():
+        pytest.skip(f"{backend} has no exact int8 products on this CPU")
+    layer, x, exact = int8_layer(dtype)
+    int8 = layer[0]
     with torch.no_grad():
         weight_only = layer(x).double()  # its activations rounded to bf16 for PyTorch's int8 kernel
-        assert int8_activations(layer) == 1 and int8_activations(layer) == 0  # once per layer
+        int8.take_int8_activations(backend)
         both = layer(x)
         alone = torch.cat([layer(x[i:i + 1]) for i in range(len(x))])
-    assert int8.packed is not None and not hasattr(int8, "weight")  # the packed copy replaces it
+    assert isinstance(int8.packed, BACKENDS[backend]) and not hasattr(int8, "weight")  # the packed copy replaces it
     assert torch.equal(both, alone)  # a row's numbers do not depend on the rows beside it
     error = (both.double() - exact).abs().max() / exact.abs().max()
-    assert error < (1e-4 if dtype == torch.float32 else 1e-2)  # 14-bit activations; bf16 rounds the output
+    coarser = 127 / BACKENDS[backend].levels  # 14-bit activations, 13 with FBGEMM's 63 levels
+    assert error < (1.5e-4 * coarser if dtype == torch.float32 else 1e-2)  # bf16 rounds the output
     assert error <= (weight_only - exact).abs().max() / exact.abs().max()
+
+
+@pytest.mark.skipif(int8_products() is None, reason="this CPU has no exact int8 products")
+def test_int8_activations_for_batches_keep_the_weight_only_kernel_for_one_row_until_serving_takes_every_row():
+    layer, x, _ = int8_layer(torch.float32)
+    int8 = layer[0]
+    with torch.no_grad():
+        weight_only = layer(x)
+        assert int8_activations(layer, keep_weights=True) == 1  # as `penwright generate` does on FBGEMM's CPUs
+        assert torch.equal(layer(x[:1]), weight_only[:1])  # one row: still the weight-only kernel
+        assert not torch.equal(layer(x[:2]), weight_only[:2])  # two rows: int8 activations
+        assert int8_activations(layer) == 1 and int8_activations(layer) == 0  # serving: every row, once
+        assert not hasattr(int8, "weight")
+        assert torch.equal(layer(x[:1]), layer(x[:2])[:1])
+
+
+def test_generate_sends_batches_through_fbgemm_where_it_is_the_int8_backend_and_one_row_through_the_kernel(
+        tiny_run, monkeypatch):
+    """On x86 CPUs without VNNI, FBGEMM's int8 products beat the weight-only kernel's fp32 ones from two
+    rows; elsewhere (oneDNN's CPUs, ARM) `penwright generate` keeps the weight-only kernel."""
+    from penwright import generate, quantize
+
+    def int8_layers(writer):
+        return [m for m in writer.model.modules() if isinstance(m, Int8Linear)]
+
+    here = generate.load(str(tiny_run), precision="fp32", quantize="int8", log=lambda *_: None)
+    assert all((m.packed is not None) == (int8_products() == "fbgemm") for m in int8_layers(here))
+    if "fbgemm" not in exact_backends():
+        pytest.skip("FBGEMM has no exact int8 products on this CPU")
+    for module in (generate, quantize):
+        monkeypatch.setattr(module, "int8_products", lambda: "fbgemm")
+    writer = generate.load(str(tiny_run), precision="fp32", quantize="int8", log=lambda *_: None)
+    layers = int8_layers(writer)
+    assert layers and all(isinstance(m.packed, BACKENDS["fbgemm"]) and hasattr(m, "weight") for m in layers)
+    cfg = SampleConfig(max_new_tokens=8, seed=5, num_samples=2, batch_size=2)
+    first = [s.text for s in writer.samples(["Once"], cfg)]
+    assert first == [s.text for s in writer.samples(["Once"], cfg)] and all(first)
 
 
 def test_int8_writer_is_reproducible_and_batches(tmp_path):

@@ -21,6 +21,7 @@ from . import gpt2, llama
 from .config import SampleConfig
 from .engine import Model, Stepper, folder_problem, read_config
 from .errors import PenwrightError
+from .quantize import int8_activations, int8_products
 from .tokens import CONTROL
 from .words import plural
 
@@ -431,6 +432,8 @@ def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle:
         model, tokenizer = family.load(spec, dtype, int8).to(target), TextTokenizer(Path(spec).expanduser())
     else:
         model, tokenizer = _hf_model(spec, dtype, target, allow_pickle, int8)
+    if int8 and int8_products() == "fbgemm":  # its int8 products beat the weight-only kernel's fp32 ones from 2 rows
+        int8_activations(model, keep_weights=True)
     writer = Writer(model, tokenizer, log=log)
     writer.context = min(writer.context, learned_context(spec) or writer.context)
     return writer

@@ -13,18 +13,23 @@ A row's scale is set by its largest weight, and one input column of outsized wei
 every row: each layer keeps that column exact, beside the int8 rows. On SmolLM2-135M this cut
 int8's perplexity cost from +1.2% to +0.8% of fp32's (16 windows of tinyshakespeare), for one
 more elementwise op per layer.
-`penwright serve` goes further where the CPU multiplies int8 by int8 exactly (VNNI or AMX): the
-activations become int8 too, through oneDNN with the weights packed once (`int8_activations`).
-The weight-only kernel's time grows with the rows, since each row is its own fp32 dot products;
-int8 x int8 does four times the products per instruction, so a batch of 16 rows costs 2.5x one
-row instead of 3.6x, and one row alone no more than before. Its sums are exact integers whatever
-the rows, so a row's numbers still do not depend on its company.
+`penwright serve` goes further where the CPU multiplies int8 by int8 exactly: the activations become
+int8 too, with the weights packed once (`int8_activations`), through oneDNN on CPUs with VNNI or
+AMX, else FBGEMM on x86 CPUs from AVX2 on (`int8_products`). The weight-only kernel's time grows
+with the rows, since each row is its own fp32 dot products; int8 x int8 does four times the
+products per instruction, so a batch of 16 rows costs 2.5x one row instead of 3.6x, and one row
+alone no more than before. Its sums are exact integers whatever the rows, so a row's numbers still
+do not depend on its company. Where FBGEMM is the backend (no VNNI: the weight-only kernel's fp32
+products are slowest there), `penwright generate` sends a batch's rows through it too, and keeps
+the weight-only kernel for one row, faster alone.
 See benchmarks/RESULTS.md for the speeds and for perplexity and greedy-token agreement against fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -56,19 +61,19 @@ class Int8Linear(nn.Module):
         # that `model.to(dtype)`, which converts every floating-point tensor, leaves them bf16.
         self.register_buffer("scale_bits", scale.to(torch.bfloat16).view(torch.int16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
-        self.register_buffer("packed", None)  # the weight packed for oneDNN, by `take_int8_activations`
+        self.packed: OneDNN | FBGEMM | None = None  # the weight packed for int8 activations (`int8_activations`)
 
-    def take_int8_activations(self) -> None:
-        """Multiply int8 activations by the weight from now on (see `int8_activations`)."""
-        scale = self.scale_bits.view(torch.bfloat16).float()
-        self.register_buffer("packed", torch.ops.onednn.qlinear_prepack(self.weight, None))
-        self.register_buffer("weight_scale", scale)
-        self.register_buffer("zero_points", torch.zeros(scale.numel(), dtype=torch.int64))
-        del self.weight  # the packed copy replaces it
+    def take_int8_activations(self, backend: str, keep_weight: bool = False) -> None:
+        """Multiply int8 activations by the weight from now on, through `backend` (see `int8_activations`);
+        with `keep_weight`, a single row still goes to the weight-only kernel."""
+        if self.packed is None:
+            self.packed = BACKENDS[backend](self.weight, self.scale_bits.view(torch.bfloat16).float())
+        if not keep_weight:
+            del self.weight  # the packed copy replaces it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat, scale = x.reshape(-1, x.shape[-1]), self.scale_bits.view(torch.bfloat16)
-        if self.packed is not None:
+        if self.packed is not None and (len(flat) > 1 or not hasattr(self, "weight")):
             out = self._by_int8_activations(flat).to(x.dtype)
         elif flat.shape[0] > FEW_ROWS.get(x.dtype, 32):
             out = F.linear(flat, self.weight.to(x.dtype) * scale.to(x.dtype)[:, None])
@@ -80,55 +85,114 @@ class Int8Linear(nn.Module):
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _by_int8_activations(self, flat: torch.Tensor) -> torch.Tensor:
-        """Each row as two int8 rows: its values at 1/127 of its largest, and their rounding error at
-        1/127 of that, so each activation keeps about 14 bits (SmolLM2's perplexity is the weight-only
-        path's to 0.02%). One product for both rows of every row; their fp32 results are exact
-        integers times the weight's scales, summed back with the row's scale."""
+        """Each row as two int8 rows: its values at 1/levels of its largest (`levels`: what the backend
+        multiplies exactly), and their rounding error at 1/127 of that, so each activation keeps about
+        14 bits (13 with FBGEMM's 63 levels; SmolLM2's perplexity is the weight-only path's to 0.02%).
+        One product for both rows of every row; their fp32 results are exact integers times the
+        weight's scales, summed back with the row's scale."""
         rows = flat.float()
-        step = rows.abs().amax(1, keepdim=True).clamp_(min=1e-30).div_(127)  # (abs-amax: 20x an inf-norm's speed)
+        largest = rows.abs().amax(1, keepdim=True)  # (abs-amax: 20x an inf-norm's speed)
+        step = largest.clamp_(min=1e-30).div_(self.packed.levels)
         values = rows / step
         high = values.round()
-        low = values.sub_(high).mul_(127).round_()
-        q = torch.cat([high, low]).add_(128).to(torch.uint8)  # unsigned, zero point 128: oneDNN's fast kernels
-        out = _int8_product(q, self.packed, self.weight_scale, self.zero_points)
+        low = values.sub_(high).mul_(127).round_().clamp_(-64, 63)  # (+-64 only where the error is exactly 1/2)
+        out = self.packed(high, low)
         return torch.add(out[:len(flat)], out[len(flat):], alpha=1 / 127).mul_(step)
 
 
-def _int8_product(q: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero_points: torch.Tensor
-                  ) -> torch.Tensor:
-    """(q - 128) @ weight.T times the weight's per-row scale, in fp32, by oneDNN (signed q takes a
+class OneDNN:
+    """oneDNN's int8 x int8 product, the weight packed once: exact where the CPU has VNNI or AMX.
+    Its fast kernels take unsigned activations, here with zero point 128 (signed ones take a
     reference kernel 1,000x slower)."""
-    return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, packed, scale, zero_points, None, 1.0, 0, torch.float32,
-                                              "none", [], "")
+
+    levels = 127
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        self.weight = torch.ops.onednn.qlinear_prepack(weight, None)
+        self.scale, self.zero_points = scale, torch.zeros(scale.numel(), dtype=torch.int64)
+
+    def __call__(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """[high; low] @ weight.T times the weight's per-row scale, in fp32, for integer-valued rows."""
+        q = torch.cat([high, low]).add_(128).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(q, 1.0, 128, self.weight, self.scale, self.zero_points, None, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+
+
+class FBGEMM:
+    """FBGEMM's int8 product with activations quantized on the fly, on x86 CPUs from AVX2 on. Without
+    VNNI its kernels sum pairs of unsigned x signed products in 16 bits, which cannot overflow with
+    activations of 7 bits: "reduce range" (0..127). A last row pinning the activations' range to
+    -64..63 makes that quantization the identity on integer rows (scale 1, zero point 64)."""
+
+    levels = 63
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor):
+        with warnings.catch_warnings(), quantized_engine("fbgemm"):
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated: torch is pinned (constraints.txt)
+            zeros = torch.zeros(scale.numel(), dtype=torch.int64)
+            qweight = torch._make_per_channel_quantized_tensor(weight, scale.double(), zeros, 0)
+            self.weight = torch.ops.quantized.linear_prepack(qweight, None)
+        self.pins = torch.zeros(1, weight.shape[1])
+        self.pins[0, 0], self.pins[0, -1] = -64, 63
+
+    def __call__(self, high: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic(torch.cat([high, low, self.pins]), self.weight, True)[:-1]
+
+
+BACKENDS = {"onednn": OneDNN, "fbgemm": FBGEMM}
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str):
+    """PyTorch's quantized engine set to `name` while weights are packed (the packed weight keeps it)."""
+    before = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = before
+
+
+def int8_products() -> str | None:
+    """The backend for int8 activations on this CPU: "onednn" where it has VNNI or AMX, else "fbgemm"
+    on other x86 CPUs from AVX2 on, else None (ARM, Apple, older x86)."""
+    return next(iter(exact_backends()), None)
 
 
 @functools.cache
-def exact_int8_products() -> bool:
-    """Whether oneDNN multiplies int8 by pre-packed int8 exactly on this CPU: those with VNNI or AMX.
-    Other kernels sum pairs of products in 16 bits, and their sums come back off by up to 1e5."""
-    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_prepack")):
-        return False
+def exact_backends() -> tuple[str, ...]:
+    """The backends that multiply int8 activations by packed int8 weights exactly on this CPU: those
+    whose sums come out exact at the largest pairs of products, where 16-bit sums would saturate
+    (oneDNN's without VNNI are off by up to 1e5)."""
     g = torch.Generator().manual_seed(0)
     weight = torch.randint(-127, 128, (64, 256), generator=g, dtype=torch.int8)
-    q = torch.randint(-127, 128, (4, 256), generator=g, dtype=torch.int8)
-    weight[0], q[0] = 127, 127  # the largest pairs of products: where 16-bit sums saturate
-    try:
-        packed = torch.ops.onednn.qlinear_prepack(weight, None)
-        out = _int8_product((q.int() + 128).to(torch.uint8), packed, torch.ones(64), torch.zeros(64, dtype=torch.int64))
-    except RuntimeError:
-        return False
-    return torch.equal(out.double(), q.double() @ weight.double().T)  # below 2**24: exact in fp32
+    weight[0] = 127
+    exact = []
+    for name, backend in BACKENDS.items():
+        high = torch.randint(-backend.levels, backend.levels + 1, (4, 256), generator=g).float()
+        low = torch.randint(-64, 64, (4, 256), generator=g).float()
+        high[0], low[0] = backend.levels, 63
+        try:
+            out = backend(weight, torch.ones(64))(high, low)
+        except (RuntimeError, AttributeError):  # not built into this PyTorch, or not for this CPU
+            continue
+        if torch.equal(out.double(), torch.cat([high, low]).double() @ weight.double().T):  # below 2**24: exact in fp32
+            exact.append(name)
+    return tuple(exact)
 
 
-def int8_activations(model: nn.Module) -> int:
-    """Switch `model`'s CPU `Int8Linear` layers to int8 activations where `exact_int8_products`;
-    how many were switched (0 elsewhere). For continuous batching (`penwright serve`): at one row
-    with all of a CPU's threads the weight-only kernel stays faster, so `penwright generate` keeps it."""
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.packed is None and m.exact.is_cpu]
-    if not layers or not exact_int8_products():
+def int8_activations(model: nn.Module, keep_weights: bool = False) -> int:
+    """Switch `model`'s CPU `Int8Linear` layers to int8 activations where `int8_products` finds a
+    backend; how many were switched (0 elsewhere). `penwright serve` (continuous batching) sends
+    every row that way, so a row's numbers do not depend on its company; `keep_weights` keeps the
+    weight-only kernel for single rows, faster alone, as `penwright generate` writes them."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.exact.is_cpu
+              and (m.packed is None or not keep_weights and hasattr(m, "weight"))]
+    backend = int8_products() if layers else None
+    if backend is None:
         return 0
     for layer in layers:
-        layer.take_int8_activations()
+        layer.take_int8_activations(backend, keep_weights)
     return len(layers)
 
 

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from ..config import SampleConfig, ServeConfig
 from ..errors import PenwrightError
 from ..generate import Chat, Writer, load
-from ..quantize import int8_activations
+from ..quantize import BACKENDS, int8_activations, int8_products
 from ..words import plural
 from .requests import ChatRequest, CompletionRequest, Sampling
 from .worker import Job, TurnWorker, Worker
@@ -65,7 +65,8 @@ def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
                           engine=cfg.engine) for name, path in cfg.models().items()}
     for name, writer in writers.items():
         if int8_activations(writer.model):  # where exact: a batch's rows then cost little more than one
-            log(f"{name}: int8 activations too (oneDNN, exact int8 products on this CPU), for batches of writers")
+            backend = BACKENDS[int8_products()].__name__
+            log(f"{name}: int8 activations too ({backend}, exact int8 products on this CPU), for batches of writers")
     return writers
 
 
