@@ -62,18 +62,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale_bits", scale.to(torch.bfloat16).view(torch.int16))
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
         self.packed: OneDNN | FBGEMM | None = None  # the weight packed for int8 activations (`int8_activations`)
+        self.packed_from = 0  # fewest rows that take int8 activations: any, or 2 while the weight-only kernel is kept
 
     def take_int8_activations(self, backend: str, keep_weight: bool = False) -> None:
         """Multiply int8 activations by the weight from now on, through `backend` (see `int8_activations`);
         with `keep_weight`, a single row still goes to the weight-only kernel."""
         if self.packed is None:
             self.packed = BACKENDS[backend](self.weight, self.scale_bits.view(torch.bfloat16).float())
+        self.packed_from = 2 if keep_weight else 0
         if not keep_weight:
             del self.weight  # the packed copy replaces it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat, scale = x.reshape(-1, x.shape[-1]), self.scale_bits.view(torch.bfloat16)
-        if self.packed is not None and (len(flat) > 1 or not hasattr(self, "weight")):
+        if self.packed is not None and len(flat) >= self.packed_from:
             out = self._by_int8_activations(flat).to(x.dtype)
         elif flat.shape[0] > FEW_ROWS.get(x.dtype, 32):
             out = F.linear(flat, self.weight.to(x.dtype) * scale.to(x.dtype)[:, None])
@@ -187,7 +189,7 @@ def int8_activations(model: nn.Module, keep_weights: bool = False) -> int:
     every row that way, so a row's numbers do not depend on its company; `keep_weights` keeps the
     weight-only kernel for single rows, faster alone, as `penwright generate` writes them."""
     layers = [m for m in model.modules() if isinstance(m, Int8Linear) and m.exact.is_cpu
-              and (m.packed is None or not keep_weights and hasattr(m, "weight"))]
+              and (m.packed is None or m.packed_from > 1 and not keep_weights)]
     backend = int8_products() if layers else None
     if backend is None:
         return 0
