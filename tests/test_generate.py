@@ -35,7 +35,7 @@ def test_labels_condition_generation_and_unknown_label_is_refused(writer):
     first = {}
     with torch.inference_mode():
         for g in ("horror", "comedy"):
-            first[g] = writer._stepper().first([writer.prompt_ids(None, SampleConfig(label=g))[0]], 1)[0]
+            first[g] = writer._stepper(1).first([writer.prompt_ids(None, SampleConfig(label=g))[0]], 1)[0]
     assert not torch.allclose(first["horror"], first["comedy"]), "the label changes what comes next"
     assert len(writer.generate(None, label="horror", seed=3, max_new_tokens=20)[0]) > 0
     with pytest.raises(PenwrightError, match="unknown label 'western'; this model knows: comedy, fantasy"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -122,13 +123,16 @@ def test_int8_activations_for_batches_keep_the_weight_only_kernel_for_one_row_un
 def test_generate_sends_batches_through_fbgemm_where_it_is_the_int8_backend_and_one_row_through_the_kernel(
         tiny_run, monkeypatch):
     """On x86 CPUs without VNNI, FBGEMM's int8 products beat the weight-only kernel's fp32 ones from two
-    rows; elsewhere (oneDNN's CPUs, ARM) `penwright generate` keeps the weight-only kernel."""
+    rows, so the first batch packs the weights for them; elsewhere (oneDNN's CPUs, ARM) `penwright
+    generate` keeps the weight-only kernel."""
     from penwright import generate, quantize
 
     def int8_layers(writer):
         return [m for m in writer.model.modules() if isinstance(m, Int8Linear)]
 
+    cfg = SampleConfig(max_new_tokens=8, seed=5, num_samples=2, batch_size=2)
     here = generate.load(str(tiny_run), precision="fp32", quantize="int8", log=lambda *_: None)
+    here.samples(["Once"], cfg)
     assert all((m.packed is not None) == (int8_products() == "fbgemm") for m in int8_layers(here))
     if "fbgemm" not in exact_backends():
         pytest.skip("FBGEMM has no exact int8 products on this CPU")
@@ -136,9 +140,10 @@ def test_generate_sends_batches_through_fbgemm_where_it_is_the_int8_backend_and_
         monkeypatch.setattr(module, "int8_products", lambda: "fbgemm")
     writer = generate.load(str(tiny_run), precision="fp32", quantize="int8", log=lambda *_: None)
     layers = int8_layers(writer)
-    assert layers and all(isinstance(m.packed, BACKENDS["fbgemm"]) and hasattr(m, "weight") for m in layers)
-    cfg = SampleConfig(max_new_tokens=8, seed=5, num_samples=2, batch_size=2)
+    writer.samples(["Once"], replace(cfg, num_samples=1))
+    assert layers and all(m.packed is None for m in layers)  # one row: nothing packed (it costs load time)
     first = [s.text for s in writer.samples(["Once"], cfg)]
+    assert all(isinstance(m.packed, BACKENDS["fbgemm"]) and hasattr(m, "weight") for m in layers)
     assert first == [s.text for s in writer.samples(["Once"], cfg)] and all(first)
 
 

@@ -183,7 +183,12 @@ class Writer:
         """Whether a row whose new tokens are `tokens` is over: EOS (or end of turn), or a stop string."""
         return tokens[-1] in self.stops or _hit_stop(self.tokenizer, tokens, cfg.stop)
 
-    def _stepper(self):
+    def _stepper(self, rows: int):
+        if rows > 1 and int8_products() == "fbgemm":
+            # FBGEMM's int8 products beat the weight-only kernel's fp32 ones from 2 rows: the int8 layers
+            # pack their weights for it once, the first time a batch comes (0.6 s for GPT-2 124M), and
+            # keep the kernel for single rows
+            int8_activations(self.model, keep_weights=True)
         if isinstance(self.model, Model):
             return Stepper(self.model)
         return HFStepper(self.model, self.autocast, self.tokenizer.pad_token_id or 0)
@@ -191,7 +196,7 @@ class Writer:
     @torch.inference_mode()
     def _decode(self, prompts: list[list[int]], cfg: SampleConfig, generator) -> Iterator[dict]:
         """Yield, per step, {row: new token id, or None when that row just finished}."""
-        model, stops, stepper = self.model, self.stops, self._stepper()
+        model, stops, stepper = self.model, self.stops, self._stepper(len(prompts))
         width = max(map(len, prompts))
         seen = torch.tensor([[-1] * (width - len(p)) + p for p in prompts], device=self.device)  # -1: no token
         done = [False] * len(prompts)
@@ -432,8 +437,6 @@ def load(spec: str, precision: str = "auto", device: str = "auto", allow_pickle:
         model, tokenizer = family.load(spec, dtype, int8).to(target), TextTokenizer(Path(spec).expanduser())
     else:
         model, tokenizer = _hf_model(spec, dtype, target, allow_pickle, int8)
-    if int8 and int8_products() == "fbgemm":  # its int8 products beat the weight-only kernel's fp32 ones from 2 rows
-        int8_activations(model, keep_weights=True)
     writer = Writer(model, tokenizer, log=log)
     writer.context = min(writer.context, learned_context(spec) or writer.context)
     return writer
