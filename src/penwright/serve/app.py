@@ -64,7 +64,7 @@ def load_writers(cfg: ServeConfig, log=print) -> dict[str, Writer]:
     writers = {name: load(path, cfg.precision, cfg.device, cfg.allow_pickle, log=log, quantize=cfg.quantize,
                           engine=cfg.engine) for name, path in cfg.models().items()}
     for name, writer in writers.items():
-        if int8_activations(writer.model):  # where exact: a batch's rows then cost little more than one
+        if int8_activations(writer.model):  # where exact: a batch's rows share the int8 products' speed
             backend = BACKENDS[int8_products()].__name__
             log(f"{name}: int8 activations too ({backend}, exact int8 products on this CPU), for batches of writers")
     return writers
